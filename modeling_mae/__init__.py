@@ -1,0 +1,54 @@
+"""MAE (masked autoencoders for vision) as transformers models.
+
+`import modeling_mae` registers the classes with the Auto classes, so that `AutoConfig`,
+`AutoModel`, `AutoModelForPreTraining` and `AutoModelForImageClassification` know `model_type="mae"`,
+and marks them for `register_for_auto_class`, so that `save_pretrained` / `push_to_hub` write
+`auto_map` and the modeling code beside the weights (loadable with `trust_remote_code=True`).
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+from .configuration_mae import MAE_PRESETS, MAEConfig
+from .masking import make_noise, random_masking
+from .modeling_mae import (
+    MAEForImageClassification,
+    MAEForPreTraining,
+    MAEForPreTrainingOutput,
+    MAEModel,
+    MAEModelOutput,
+    MAEPreTrainedModel,
+)
+from .pos_embed import interpolate_pos_embed, sincos_2d
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register("mae", MAEConfig, exist_ok=True)
+AutoModel.register(MAEConfig, MAEModel, exist_ok=True)
+AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification, exist_ok=True)
+
+MAEConfig.register_for_auto_class()
+MAEModel.register_for_auto_class("AutoModel")
+MAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+MAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "MAE_PRESETS",
+    "MAEConfig",
+    "MAEModel",
+    "MAEForPreTraining",
+    "MAEForImageClassification",
+    "MAEPreTrainedModel",
+    "MAEModelOutput",
+    "MAEForPreTrainingOutput",
+    "make_noise",
+    "random_masking",
+    "sincos_2d",
+    "interpolate_pos_embed",
+]

@@ -1,0 +1,676 @@
+"""MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", 2021) as transformers models.
+
+The method, one named step each:
+
+    patchify        (N, C, H, W)      -> (N, L, p*p*C)     the regression target
+    embed           (N, C, H, W)      -> (N, L, D)         Conv2d patch projection + fixed sin-cos positions
+    random_masking  (N, L, D)         -> (N, L_keep, D)    masked patches are REMOVED, not zeroed
+    forward_encoder (N, 1+L_keep, D)  -> (N, 1+L_keep, D)  ViT blocks on the visible patches (+ CLS) only
+    forward_decoder (N, 1+L_keep, D)  -> (N, L, p*p*C)     + shared mask token at removed positions, unshuffled
+    forward_loss    pred, target, mask -> scalar           MSE on removed patches only
+
+This file only imports torch and transformers (and its siblings in this package), so that
+`save_pretrained` can ship it beside the weights for `trust_remote_code=True` loading.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_mae import MAEConfig
+from .masking import make_noise, random_masking
+from .pos_embed import interpolate_pos_embed, sincos_2d
+
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class MAEModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`(N, 1 + L_visible, D)`): encoder output (after the final LayerNorm when the
+            encoder has one). L_visible = L without masking.
+        pooler_output (`(N, D)`): pooled features per `config.pooling`.
+        hidden_states (tuple of `(N, 1 + L_visible, D)`): embeddings, then each block's output.
+        attentions (tuple of `(N, heads, 1 + L_visible, 1 + L_visible)`).
+        mask (`(N, L)`): 1 = removed, 0 = visible; only when masking was asked for.
+        ids_restore (`(N, L)`): permutation that unshuffles the visible + mask tokens; only when masking.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+
+
+@dataclass
+class MAEForPreTrainingOutput(ModelOutput):
+    """
+    Args:
+        loss (scalar): MSE on removed patches (of normalised pixels when `norm_pix_loss`).
+        logits (`(N, L, p*p*C)`): per-patch pixel predictions, in `patchify` order (normalised pixels
+            when `norm_pix_loss`; see `MAEForPreTraining.unnormalize_predictions`).
+        mask (`(N, L)`): 1 = removed. ids_restore (`(N, L)`).
+        hidden_states / attentions: of the encoder.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class MAEPatchEmbeddings(nn.Module):
+    """(N, C, H, W) -> (N, L, D) with a stride-p Conv2d; checks the input shape."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.image_size = config.image_hw
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def check_input(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> tuple[int, int]:
+        """Validate `pixel_values` and return its patch grid (rows, cols)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.num_channels}, height, width) to match "
+                f"config.num_channels={self.num_channels}; got shape {tuple(pixel_values.shape)}"
+            )
+        height, width = pixel_values.shape[-2:]
+        if not interpolate_pos_encoding and (height, width) != tuple(self.image_size):
+            raise ValueError(
+                f"Input image size ({height}x{width}) doesn't match the model's image size "
+                f"({self.image_size[0]}x{self.image_size[1]}); pass interpolate_pos_encoding=True to use "
+                f"another resolution"
+            )
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Input image size ({height}x{width}) must be divisible by patch_size={self.patch_size}"
+            )
+        return (height // self.patch_size, width // self.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class MAEEmbeddings(nn.Module):
+    """Patch projection, learned CLS token and fixed 2-D sin-cos position table (1, 1 + L, D)."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = MAEPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(
+            sincos_2d(config.hidden_size, config.grid_size).unsqueeze(0), requires_grad=False
+        )
+
+    def position_table(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """(1, 1 + rows * cols, D), interpolated bicubically when the grid differs from the config's."""
+        return interpolate_pos_embed(self.position_embeddings, self.config.grid_size, grid_size)
+
+
+class MAEAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection; SDPA unless weights are asked for."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, config):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.config = config
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        """x: (N, T, D) -> (N, T, D), and (N, heads, T, T) weights when `output_attentions`."""
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
+        dropout = self.attn_drop if self.training else 0.0
+        weights = None
+        if output_attentions or getattr(self.config, "_attn_implementation", "sdpa") == "eager":
+            weights = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj_drop(self.proj(out)), (weights if output_attentions else None)
+
+
+class MAEMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = ACT2FN[act]
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class MAELayer(GradientCheckpointingLayer):
+    """Pre-norm ViT block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, config: MAEConfig, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = MAEAttention(
+            dim, num_heads, config.qkv_bias, config.attention_probs_dropout_prob, config.hidden_dropout_prob, config
+        )
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = MAEMLP(dim, mlp_dim, config.hidden_act, config.hidden_dropout_prob)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        attn_out, weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + drop_path(attn_out, self.drop_path_rate, self.training)
+        mlp_out = self.mlp(self.layernorm_after(hidden_states))
+        hidden_states = hidden_states + drop_path(mlp_out, self.drop_path_rate, self.training)
+        return hidden_states, weights
+
+
+class MAEEncoder(nn.Module):
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layer = nn.ModuleList(
+            MAELayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
+            for rate in rates
+        )
+
+    def forward(self, hidden_states, output_attentions=False, output_hidden_states=False):
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        for block in self.layer:
+            hidden_states, weights = block(hidden_states, output_attentions)
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden_states,)
+            if output_attentions:
+                all_attn = all_attn + (weights,)
+        return hidden_states, all_hidden, all_attn
+
+
+class MAEDecoder(nn.Module):
+    """The lightweight pretraining decoder: 512-d, 8 blocks by default."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__()
+        self.config = config
+        dim = config.decoder_hidden_size
+        self.decoder_embed = nn.Linear(config.hidden_size, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(dim, config.grid_size).unsqueeze(0), requires_grad=False)
+        self.decoder_layers = nn.ModuleList(
+            MAELayer(config, dim, config.decoder_num_attention_heads, config.decoder_intermediate_size)
+            for _ in range(config.decoder_num_hidden_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.decoder_pred = nn.Linear(dim, config.patch_size**2 * config.num_channels)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """
+        Args:
+            latent: (N, 1 + L_keep, D) encoder output, CLS first, visible patches in shuffled order.
+            ids_restore: (N, L) inverse of the masking shuffle.
+        Returns:
+            (N, L, p*p*C) pixel predictions for every patch, in the original patch order.
+        """
+        x = self.decoder_embed(latent)  # (N, 1 + L_keep, Dd)
+        batch, _, dim = x.shape
+        num_masked = ids_restore.shape[1] + 1 - x.shape[1]
+        # append one shared mask token per removed patch, then unshuffle to the original order
+        mask_tokens = self.mask_token.to(x.dtype).expand(batch, num_masked, dim)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (N, L, Dd), shuffled order
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
+        x = torch.cat([x[:, :1], patches], dim=1)  # (N, 1 + L, Dd)
+        x = x + interpolate_pos_embed(self.decoder_pos_embed, self.config.grid_size, grid_size).to(x.dtype)
+        for block in self.decoder_layers:
+            x, _ = block(x)
+        x = self.decoder_norm(x)
+        return self.decoder_pred(x[:, 1:])  # drop CLS: (N, L, p*p*C)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretrained base
+# --------------------------------------------------------------------------------------------------
+class MAEPreTrainedModel(PreTrainedModel):
+    config_class = MAEConfig
+    base_model_prefix = "mae"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["MAELayer", "MAEEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """The official MAE initialisation (also applied to keys missing from a loaded checkpoint)."""
+        if isinstance(module, nn.Linear):
+            head_std = getattr(module, "_mae_head_std", None)
+            if head_std is not None:  # classifier: truncated normal as in the official fine-tune / probe
+                init.trunc_normal_(module.weight, std=head_std)
+            else:
+                init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MAEPatchEmbeddings):
+            weight = module.projection.weight
+            if not getattr(weight, "_is_hf_initialized", False):  # a view loses the flag: check it here
+                nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+            if module.projection.bias is not None:
+                init.zeros_(module.projection.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, MAEEmbeddings):
+            init.normal_(module.cls_token, std=self.config.initializer_range)
+            table = sincos_2d(self.config.hidden_size, self.config.grid_size).unsqueeze(0)
+            init.copy_(module.position_embeddings, table.to(module.position_embeddings.dtype))
+        elif isinstance(module, MAEDecoder):
+            init.normal_(module.mask_token, std=self.config.initializer_range)
+            table = sincos_2d(self.config.decoder_hidden_size, self.config.grid_size).unsqueeze(0)
+            init.copy_(module.decoder_pos_embed, table.to(module.decoder_pos_embed.dtype))
+
+    # ---- what optimizers and layer decay ask the model (timm's interface) ------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters kept out of weight decay besides biases and norms (dim < 2)."""
+        names = {"cls_token", "position_embeddings", "mask_token", "decoder_pos_embed"}
+        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in names}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm-style groups: embeddings = layer 0, encoder block i = layer i + 1, the rest last."""
+        prefix = "" if isinstance(self, MAEModel) else r"mae\."
+        return dict(
+            stem=rf"^{prefix}embeddings",
+            blocks=[(rf"^{prefix}encoder\.layer\.(\d+)", None), (rf"^{prefix}(layernorm|fc_norm)", (99999,))],
+        )
+
+    def layer_id(self, name: str) -> int:
+        """Layer index used by layer-wise lr decay: 0 for embeddings, i + 1 for encoder block i,
+        `num_hidden_layers + 1` for everything after the encoder (norms, heads, decoder)."""
+        base = name[len("mae.") :] if name.startswith("mae.") else name
+        if base.startswith("embeddings."):
+            return 0
+        if base.startswith("encoder.layer."):
+            return int(base.split(".")[2]) + 1
+        return self.config.num_hidden_layers + 1
+
+    # ---- every saved model directory carries its image processor ---------------------------------
+    def default_image_processor(self):
+        """transformers' ViTImageProcessor sized to the model, ImageNet mean/std, bicubic resize."""
+        from transformers import ViTImageProcessor
+        from transformers.image_utils import PILImageResampling
+
+        height, width = self.config.image_hw
+        return ViTImageProcessor(
+            do_resize=True,
+            size={"height": height, "width": width},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=list(IMAGENET_DEFAULT_MEAN),
+            image_std=list(IMAGENET_DEFAULT_STD),
+        )
+
+    def save_pretrained(self, save_directory, *args, image_processor=None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the image processor (given, or the default one
+        when the directory has none yet)."""
+        import os
+
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            if image_processor is not None:
+                image_processor.save_pretrained(save_directory)
+            elif not os.path.exists(os.path.join(save_directory, "preprocessor_config.json")):
+                self.default_image_processor().save_pretrained(save_directory)
+        return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------------------
+class MAEModel(MAEPreTrainedModel):
+    """The MAE encoder. Unmasked and deterministic unless masking is asked for (`noise=` or `mask_ratio=`)."""
+
+    # Loading a pretraining checkpoint into the encoder alone: the decoder is expected to be left out,
+    # and `fc_norm` (only in fine-tuned checkpoints) starts as an identity-affine LayerNorm.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    _keys_to_ignore_on_load_missing = [r"^fc_norm\."]
+
+    def __init__(self, config: MAEConfig, add_pooling_layer: bool = True, use_final_norm: bool = True):
+        super().__init__(config)
+        self.embeddings = MAEEmbeddings(config)
+        self.encoder = MAEEncoder(config)
+        # The pretraining encoder ends in a LayerNorm. The official fine-tuning model (mean pooling)
+        # drops it and normalises the pooled patch tokens with `fc_norm` instead.
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None
+        use_fc_norm = add_pooling_layer and config.pooling == "mean"
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_fc_norm else None
+        self.add_pooling_layer = add_pooling_layer
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.patch_embeddings
+
+    def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
+        """(N, C, H, W) -> patch tokens (N, L, D) with positions added, the grid, and the CLS token (N, 1, D)."""
+        grid = self.embeddings.patch_embeddings.check_input(pixel_values, interpolate_pos_encoding)
+        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        x = self.embeddings.patch_embeddings(pixel_values.to(dtype))
+        pos = self.embeddings.position_table(grid).to(x.dtype)
+        x = x + pos[:, 1:]
+        cls = (self.embeddings.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        return x, grid, cls
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MAEModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`(N, C, H, W)`): normalised images.
+            noise (`(N, L)`, *optional*): masking scores (lowest kept); implies masking.
+            mask_ratio (`float`, *optional*): mask this fraction (config's strategy, fresh noise);
+                with `noise` alone, `config.mask_ratio` is used.
+            interpolate_pos_encoding: accept another resolution (bicubic resize of the positions).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        x, grid, cls = self.embed(pixel_values, interpolate_pos_encoding)
+        mask = ids_restore = None
+        if noise is not None or mask_ratio is not None:
+            ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"`mask_ratio` must be in [0, 1), got {ratio!r}")
+            if noise is None:
+                noise = make_noise(self.config.mask_strategy, x.shape[0], grid, ratio, device=x.device)
+            x, mask, ids_restore, _ = random_masking(x, noise.to(x.device), ratio)
+        x = torch.cat([cls, x], dim=1)
+
+        hidden, all_hidden, all_attn = self.encoder(x, output_attentions, output_hidden_states)
+        sequence_output = self.layernorm(hidden) if self.layernorm is not None else hidden
+        pooled = self.pool(hidden, sequence_output) if self.add_pooling_layer else None
+
+        if not return_dict:
+            return tuple(
+                v for v in (sequence_output, pooled, all_hidden, all_attn, mask, ids_restore) if v is not None
+            )
+        return MAEModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled,
+            hidden_states=all_hidden,
+            attentions=all_attn,
+            mask=mask,
+            ids_restore=ids_restore,
+        )
+
+    def pool(self, hidden: torch.Tensor, sequence_output: torch.Tensor) -> torch.Tensor:
+        """(N, 1 + L, D) -> (N, D): mean of the patch tokens + fc_norm, or the normalised CLS token."""
+        if self.config.pooling == "mean":
+            return self.fc_norm(hidden[:, 1:].mean(dim=1))
+        return sequence_output[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining
+# --------------------------------------------------------------------------------------------------
+class MAEForPreTraining(MAEPreTrainedModel):
+    """Encoder on the visible patches + lightweight decoder; both are trained."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.mae = MAEModel(config, add_pooling_layer=False)
+        self.decoder = MAEDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.mae.embeddings.patch_embeddings
+
+    # ---- the method's steps ------------------------------------------------------------------
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), each patch flattened as (row, column, channel)."""
+        p, c = self.config.patch_size, self.config.num_channels
+        n, _, height, width = pixel_values.shape
+        h, w = height // p, width // p
+        x = pixel_values.reshape(n, c, h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, h * w, p * p * c)
+
+    def unpatchify(self, patches: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W); `image_size` defaults to the config's (needed if not square)."""
+        p, c = self.config.patch_size, self.config.num_channels
+        n, length, dim = patches.shape
+        if dim != p * p * c:
+            raise ValueError(f"patches must have last dimension p*p*C = {p * p * c}, got {dim}")
+        if image_size is None:
+            image_size = self.config.image_hw
+            if (image_size[0] // p) * (image_size[1] // p) != length:
+                side = int(math.isqrt(length))
+                if side * side != length:
+                    raise ValueError(f"cannot infer the image size of {length} patches; pass image_size=(H, W)")
+                image_size = (side * p, side * p)
+        h, w = image_size[0] // p, image_size[1] // p
+        if h * w != length:
+            raise ValueError(f"image_size {tuple(image_size)} has {h * w} patches, got {length}")
+        x = patches.reshape(n, h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(n, c, h * p, w * p)
+
+    def forward_encoder(self, pixel_values, noise, mask_ratio, interpolate_pos_encoding, **kwargs):
+        """Encode the visible patches: (N, C, H, W) -> MAEModelOutput with (N, 1 + L_keep, D), mask, ids_restore."""
+        if noise is None:
+            ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+            grid = self.mae.embeddings.patch_embeddings.check_input(pixel_values, interpolate_pos_encoding)
+            noise = make_noise(self.config.mask_strategy, pixel_values.shape[0], grid, ratio, pixel_values.device)
+        return self.mae(
+            pixel_values,
+            noise=noise,
+            mask_ratio=mask_ratio,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+            **kwargs,
+        )
+
+    def forward_decoder(self, latent, ids_restore, grid_size):
+        """(N, 1 + L_keep, D) + ids_restore -> (N, L, p*p*C) predictions."""
+        return self.decoder(latent, ids_restore, grid_size)
+
+    def normalize_target(self, target: torch.Tensor) -> torch.Tensor:
+        """Per-patch normalisation of (N, L, p*p*C) targets: (x - mean) / sqrt(var + 1e-6)."""
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        return (target - mean) / (var + 1.0e-6) ** 0.5
+
+    def forward_loss(self, pixel_values, pred, mask) -> torch.Tensor:
+        """
+        Args:
+            pixel_values: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 1 = removed.
+        Returns:
+            Mean over removed patches of the per-patch MSE, computed in fp32.
+        """
+        target = self.patchify(pixel_values.float())
+        if self.config.norm_pix_loss:
+            target = self.normalize_target(target)
+        loss = (pred.float() - target).pow(2).mean(dim=-1)  # (N, L) per-patch MSE
+        mask = mask.float()
+        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def unnormalize_predictions(self, logits: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Turn norm_pix predictions (N, L, p*p*C) back into pixel space with each target patch's own
+        mean and variance, so that a reconstruction is viewable (a no-op without `norm_pix_loss`)."""
+        if not self.config.norm_pix_loss:
+            return logits
+        target = self.patchify(pixel_values.float())
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        return logits.float() * (var + 1.0e-6) ** 0.5 + mean
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MAEForPreTrainingOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`(N, C, H, W)`): normalised images.
+            noise (`(N, L)`, *optional*): masking scores for a reproducible mask.
+            mask_ratio (`float`, *optional*): overrides `config.mask_ratio` for this call.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        enc = self.forward_encoder(
+            pixel_values,
+            noise,
+            mask_ratio,
+            interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        pred = self.forward_decoder(enc.last_hidden_state, enc.ids_restore, grid)
+        loss = self.forward_loss(pixel_values, pred, enc.mask)
+        if not return_dict:
+            extra = tuple(v for v in (enc.hidden_states, enc.attentions) if v is not None)
+            return (loss, pred, enc.mask, enc.ids_restore) + extra
+        return MAEForPreTrainingOutput(
+            loss=loss,
+            logits=pred,
+            mask=enc.mask,
+            ids_restore=enc.ids_restore,
+            hidden_states=enc.hidden_states,
+            attentions=enc.attentions,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------------
+class MAEForImageClassification(MAEPreTrainedModel):
+    """Encoder + head. `pooling="mean"`: mean of patch tokens + fc_norm + Linear (official fine-tuning);
+    `pooling="cls"` + `linear_probe_head`: CLS token + BatchNorm1d(affine=False) + Linear (linear probe)."""
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.mae = MAEModel(config, add_pooling_layer=True, use_final_norm=config.pooling == "cls")
+        # Fine-tuning trains the position embeddings, as the official fine-tuning model does.
+        self.mae.embeddings.position_embeddings.requires_grad_(True)
+        self.head_norm = (
+            nn.BatchNorm1d(config.hidden_size, affine=False, eps=1e-6) if config.linear_probe_head else None
+        )
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        if isinstance(self.classifier, nn.Linear):
+            self.classifier._mae_head_std = 0.01 if config.linear_probe_head else 2e-5
+        self.post_init()
+
+    def forward_features(self, pixel_values, interpolate_pos_encoding=False, **kwargs) -> MAEModelOutput:
+        return self.mae(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
+
+    def forward_head(self, pooled: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(N, D) pooled features -> (N, num_labels) logits (or the normalised features if `pre_logits`)."""
+        if self.head_norm is not None:
+            pooled = self.head_norm(pooled)
+        return pooled if pre_logits else self.classifier(pooled)
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy for class ids (N,), or soft targets (N, num_labels) as made by Mixup/CutMix."""
+        if labels.is_floating_point() and labels.shape == logits.shape:
+            return torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        if self.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels.long().view(-1))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.forward_features(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.forward_head(out.pooler_output)
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (out.hidden_states, out.attentions) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+
+
+__all__ = [
+    "MAEPreTrainedModel",
+    "MAEModel",
+    "MAEForPreTraining",
+    "MAEForImageClassification",
+    "MAEModelOutput",
+    "MAEForPreTrainingOutput",
+]

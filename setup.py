@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="modeling-mae",
+    version="0.1.0",
+    description="Masked autoencoders (MAE) for vision, done the Hugging Face way",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["modeling_mae", "modeling_mae.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "torchvision>=0.19",
+        "transformers>=5.0",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "timm>=1.0",
+        "pillow>=10",
+        "pyyaml>=6",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "scikit-image>=0.22", "tensorboard"],
+    },
+)
