@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["modeling_mae", "modeling_mae.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4,<=2.14.1",
+        "torch>=2.4",
         "torchvision>=0.19",
         "transformers>=5.0",
         "accelerate>=1.0",

@@ -36,6 +36,14 @@ from .pos_embed import interpolate_pos_embed, sincos_2d
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
+# Auto class -> "module.Class" of the files that save_pretrained copies beside the weights.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_mae.MAEConfig",
+    "AutoModel": "modeling_mae.MAEModel",
+    "AutoModelForPreTraining": "modeling_mae.MAEForPreTraining",
+    "AutoModelForImageClassification": "modeling_mae.MAEForImageClassification",
+}
+
 
 # --------------------------------------------------------------------------------------------------
 # Outputs
@@ -281,6 +289,30 @@ class MAEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["MAELayer", "MAEEmbeddings"]
 
+    # The sin-cos tables are fixed in pretraining; the official fine-tuning model trains its copy.
+    _train_position_embeddings = False
+
+    def post_init(self):
+        super().post_init()
+        self.set_position_embeddings_trainable()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # loading re-creates parameters with requires_grad=True: restore the fixed tables' freeze
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.set_position_embeddings_trainable()
+        return loaded
+
+    def set_position_embeddings_trainable(self, trainable: bool | None = None):
+        """Freeze the decoder's table always, and the encoder's unless `trainable` (default: the class's rule)."""
+        trainable = self._train_position_embeddings if trainable is None else trainable
+        for name, param in self.named_parameters():
+            if name.endswith("decoder_pos_embed"):
+                param.requires_grad_(False)
+            elif name.endswith("embeddings.position_embeddings"):
+                param.requires_grad_(trainable)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """The official MAE initialisation (also applied to keys missing from a loaded checkpoint)."""
@@ -292,12 +324,12 @@ class MAEPreTrainedModel(PreTrainedModel):
                 init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, MAEPatchEmbeddings):
-            weight = module.projection.weight
-            if not getattr(weight, "_is_hf_initialized", False):  # a view loses the flag: check it here
-                nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            if module.projection.bias is not None:
-                init.zeros_(module.projection.bias)
+        elif isinstance(module, nn.Conv2d):  # the patch projection: xavier-uniform on its flattened weight
+            # (initialised at the Conv2d itself: transformers skips param-less modules of remote code)
+            if not getattr(module.weight, "_is_hf_initialized", False):  # a view loses the flag: check here
+                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
             if module.weight is not None:
                 init.ones_(module.weight)
@@ -323,11 +355,14 @@ class MAEPreTrainedModel(PreTrainedModel):
         return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in names}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm-style groups: embeddings = layer 0, encoder block i = layer i + 1, the rest last."""
+        """timm-style groups: embeddings = layer 0, encoder block i = layer i + 1, the rest last.
+
+        The final `layernorm` / `fc_norm` are left unmatched, so timm puts them with the head (lr scale 1),
+        as the official MAE layer decay does (timm's `(99999,)` suffix would merge them into the last block)."""
         prefix = "" if isinstance(self, MAEModel) else r"mae\."
         return dict(
             stem=rf"^{prefix}embeddings",
-            blocks=[(rf"^{prefix}encoder\.layer\.(\d+)", None), (rf"^{prefix}(layernorm|fc_norm)", (99999,))],
+            blocks=[(rf"^{prefix}encoder\.layer\.(\d+)", None)],
         )
 
     def layer_id(self, name: str) -> int:
@@ -360,6 +395,9 @@ class MAEPreTrainedModel(PreTrainedModel):
         when the directory has none yet)."""
         import os
 
+        # transformers writes only the saved class into `auto_map`; list every head so that any Auto
+        # class (e.g. AutoModel on a pretraining directory) loads it with trust_remote_code.
+        self.config.auto_map = {**dict(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             if image_processor is not None:
@@ -608,12 +646,13 @@ class MAEForImageClassification(MAEPreTrainedModel):
     """Encoder + head. `pooling="mean"`: mean of patch tokens + fc_norm + Linear (official fine-tuning);
     `pooling="cls"` + `linear_probe_head`: CLS token + BatchNorm1d(affine=False) + Linear (linear probe)."""
 
+    # Fine-tuning trains the position embeddings, as the official fine-tuning model does.
+    _train_position_embeddings = True
+
     def __init__(self, config: MAEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.mae = MAEModel(config, add_pooling_layer=True, use_final_norm=config.pooling == "cls")
-        # Fine-tuning trains the position embeddings, as the official fine-tuning model does.
-        self.mae.embeddings.position_embeddings.requires_grad_(True)
         self.head_norm = (
             nn.BatchNorm1d(config.hidden_size, affine=False, eps=1e-6) if config.linear_probe_head else None
         )
