@@ -1,16 +1,19 @@
 """MAE (masked autoencoders for vision) as transformers models.
 
 `import modeling_mae` registers the classes with the Auto classes, so that `AutoConfig`,
-`AutoModel`, `AutoModelForPreTraining` and `AutoModelForImageClassification` know `model_type="mae"`,
+`AutoModel`, `AutoModelForPreTraining`, `AutoModelForImageClassification` and `AutoBackbone` (`MAEBackbone`) know
+`model_type="mae"` (and `AutoModelForSemanticSegmentation` knows "mae_upernet", UperNet on `MAEBackbone`),
 and marks them for `register_for_auto_class`, so that `save_pretrained` / `push_to_hub` write
 `auto_map` and the modeling code beside the weights (loadable with `trust_remote_code=True`).
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
+    AutoModelForSemanticSegmentation,
 )
 
 from .configuration_mae import MAE_PRESETS, MAEConfig
@@ -23,6 +26,7 @@ from .modeling_mae import (
     MAEModelOutput,
     MAEPreTrainedModel,
 )
+from .modeling_mae_backbone import MAEBackbone, MAEUperNetConfig, MAEUperNetForSemanticSegmentation
 from .pos_embed import interpolate_pos_embed, sincos_2d
 
 
@@ -32,11 +36,17 @@ AutoConfig.register("mae", MAEConfig, exist_ok=True)
 AutoModel.register(MAEConfig, MAEModel, exist_ok=True)
 AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification, exist_ok=True)
+AutoBackbone.register(MAEConfig, MAEBackbone, exist_ok=True)
+AutoConfig.register("mae_upernet", MAEUperNetConfig, exist_ok=True)
+AutoModelForSemanticSegmentation.register(MAEUperNetConfig, MAEUperNetForSemanticSegmentation, exist_ok=True)
 
 MAEConfig.register_for_auto_class()
 MAEModel.register_for_auto_class("AutoModel")
 MAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 MAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MAEBackbone.register_for_auto_class("AutoBackbone")
+MAEUperNetConfig.register_for_auto_class()
+MAEUperNetForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
 __all__ = [
     "MAE_PRESETS",
@@ -44,6 +54,9 @@ __all__ = [
     "MAEModel",
     "MAEForPreTraining",
     "MAEForImageClassification",
+    "MAEBackbone",
+    "MAEUperNetConfig",
+    "MAEUperNetForSemanticSegmentation",
     "MAEPreTrainedModel",
     "MAEModelOutput",
     "MAEForPreTrainingOutput",

@@ -1,0 +1,252 @@
+"""The MAE encoder as a transformers Backbone, and UperNet semantic segmentation on top of it.
+
+The paper transfers the pretrained encoder to ADE20K with UperNet (BEiT's segmentation setup). A plain
+ViT gives one map at stride p (16 for ViT-B/L); UperNet wants four scales. A simple feature pyramid
+(BEiT / MAE segmentation; ViTDet's "simple feature pyramid") makes them from the selected blocks:
+
+    level  stride (p=16)  operation on the (N, D, H/p, W/p) map
+    fpn1   4              ConvTranspose(2x2, s2) + BatchNorm + GELU + ConvTranspose(2x2, s2)
+    fpn2   8              ConvTranspose(2x2, s2)
+    fpn3   16             identity
+    fpn4   32             MaxPool(2x2, s2)
+
+How `config.out_features` / `out_indices` map to the levels (stage names: "stem" = the embeddings,
+"stageK" = the output of block K, 1-based):
+- four stages -> one per level, in order. The MAE / BEiT UperNet setup takes blocks 4, 6, 8, 12 of
+  ViT-B (`out_indices=[4, 6, 8, 12]`) and 8, 12, 16, 24 of ViT-L.
+- one stage -> that map feeds all four levels (ViTDet's single-scale simple pyramid); the default
+  `out_features=["stageN"]` (last block) works this way.
+Every level has `hidden_size` channels. Strides scale with the patch size (ViT-H/14: 3.5, 7, 14, 28).
+
+Weights: the backbone wraps an `MAEModel` as `mae` (no final LayerNorm, no pooling), so its keys are
+`mae.embeddings.*`, `mae.encoder.layer.{i}.*` as in `MAEForPreTraining` / `MAEForImageClassification`
+(and `embeddings.*`, `encoder.*` of a bare `MAEModel` get the prefix added on load), plus
+`pyramid.fpn1.*`, `pyramid.fpn2.*`. Any MAE checkpoint's encoder loads without missing encoder keys;
+the pretraining decoder, final norms and classifier heads are ignored, and only the new `pyramid.*`
+layers start from scratch.
+Position embeddings keep the checkpoint's grid and are interpolated (bicubic) to each input size,
+e.g. 14x14 -> 32x32 for 512x512 ADE20K crops; like fine-tuning, segmentation trains them.
+
+`MAEUperNetConfig` / `MAEUperNetForSemanticSegmentation` are transformers' UperNet with the MAE
+backbone built directly: their saved directories load with `trust_remote_code=True` where this package
+is not installed (see their docstrings for why plain `UperNetForSemanticSegmentation` cannot).
+
+This file imports only torch, transformers and its siblings, so `save_pretrained` can ship it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import BackboneOutput
+from transformers.models.upernet.configuration_upernet import UperNetConfig
+from transformers.models.upernet.modeling_upernet import (
+    UperNetFCNHead,
+    UperNetForSemanticSegmentation,
+    UperNetHead,
+    UperNetPreTrainedModel,
+)
+
+from .configuration_mae import MAEConfig
+from .modeling_mae import MAEModel, MAEPreTrainedModel
+
+
+NUM_PYRAMID_LEVELS = 4
+
+
+def tokens_to_map(hidden_state: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, 1 + rows * cols, D) block output -> (N, D, rows, cols) map of the patch tokens (CLS dropped)."""
+    batch, _, dim = hidden_state.shape
+    return hidden_state[:, 1:].transpose(1, 2).reshape(batch, dim, grid[0], grid[1])
+
+
+class MAESimpleFeaturePyramid(nn.Module):
+    """Four (N, D, rows, cols) maps -> (N, D, 4 rows, 4 cols), (N, D, 2 rows, 2 cols), (N, D, rows, cols),
+    (N, D, rows / 2, cols / 2): strides p/4, p/2, p, 2p. Module names and layout follow the BEiT / MAE
+    segmentation checkpoints (`fpn1.0`, `fpn1.1`, `fpn1.3`, `fpn2.0`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fpn1 = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2),
+        )
+        self.fpn2 = nn.Sequential(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+
+    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return (self.fpn1(maps[0]), self.fpn2(maps[1]), self.fpn3(maps[2]), self.fpn4(maps[3]))
+
+
+class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
+    """MAE encoder -> `BackboneOutput.feature_maps` at strides p/4, p/2, p, 2p (4, 8, 16, 32 for p = 16).
+
+    Selects blocks with `config.out_features` / `config.out_indices` (one or four stages, see the module
+    docstring); accepts any input size divisible by the patch size.
+    """
+
+    # Fine-tuning trains the (interpolated) position table, as the classifier does.
+    _train_position_embeddings = True
+
+    def __init__(self, config: MAEConfig):
+        super().__init__(config)
+        num_selected = len(config.out_features)
+        if num_selected not in (1, NUM_PYRAMID_LEVELS):
+            raise ValueError(
+                f"MAEBackbone needs 1 or {NUM_PYRAMID_LEVELS} stages in `out_features` / `out_indices` (one per "
+                f"pyramid level, or one map for all levels), got {num_selected}: {config.out_features}"
+            )
+        self.num_features = [config.hidden_size] * len(config.stage_names)
+        # The encoder without the final LayerNorm (dense heads read intermediate blocks) and without pooling.
+        self.mae = MAEModel(config, add_pooling_layer=False, use_final_norm=False)
+        self.pyramid = MAESimpleFeaturePyramid(config.hidden_size)
+        self.post_init()
+
+    # Any MAE checkpoint: the decoder, final norms and classification heads are not part of the backbone.
+    _keys_to_ignore_on_load_unexpected = [
+        r"^decoder\.",
+        r"^(mae\.)?(layernorm|fc_norm)\.",
+        r"^(head_norm|classifier)\.",
+    ]
+
+    @property
+    def channels(self) -> list[int]:
+        """Channels of the four pyramid levels (UperNet reads this to size its head)."""
+        return [self.config.hidden_size] * NUM_PYRAMID_LEVELS
+
+    def get_input_embeddings(self):
+        return self.mae.embeddings.patch_embeddings
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, nn.ConvTranspose2d):  # the pyramid's upsampling, xavier like the patch projection
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+    def select_maps(self, hidden_states: tuple[torch.Tensor, ...], grid: tuple[int, int]) -> list[torch.Tensor]:
+        """The selected stages as (N, D, rows, cols) maps, one per pyramid level."""
+        maps = [tokens_to_map(hidden_states[self.stage_names.index(name)], grid) for name in self.out_features]
+        return maps * NUM_PYRAMID_LEVELS if len(maps) == 1 else maps
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`(N, C, H, W)`): normalised images, H and W divisible by the patch size.
+        Returns:
+            `BackboneOutput` with `feature_maps`: 4 maps (N, D, H / s, W / s) for s = p/4, p/2, p, 2p;
+            `hidden_states` (embeddings + every block, (N, 1 + L, D)) when asked for; `attentions`.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.mae(
+            pixel_values,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=True,
+            return_dict=True,
+        )
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        feature_maps = self.pyramid(self.select_maps(out.hidden_states, grid))
+        hidden_states = out.hidden_states if output_hidden_states else None
+        if not return_dict:
+            return tuple(v for v in (feature_maps, hidden_states, out.attentions) if v is not None)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=out.attentions)
+
+
+# --------------------------------------------------------------------------------------------------
+# UperNet with the MAE backbone, loadable as remote code
+# --------------------------------------------------------------------------------------------------
+class MAEUperNetConfig(UperNetConfig):
+    """`UperNetConfig` whose `backbone_config` is always an `MAEConfig`.
+
+    Why it exists: transformers resolves a `backbone_config` dict through its static model-type mapping
+    (`consolidate_backbone_kwargs_to_config` -> `CONFIG_MAPPING[model_type]`), which knows "mae" only
+    after `import modeling_mae` has registered it; sub-configs have no `auto_map`. This class builds
+    the `MAEConfig` itself, so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` works anywhere.
+    """
+
+    model_type = "mae_upernet"
+
+    def __post_init__(self, **kwargs):
+        if self.backbone_config is None:
+            # ViT-B/16 with the MAE / BEiT ADE20K block selection
+            self.backbone_config = MAEConfig(out_indices=[4, 6, 8, 12])
+        elif isinstance(self.backbone_config, dict):
+            backbone = dict(self.backbone_config)
+            model_type = backbone.pop("model_type", MAEConfig.model_type)
+            if model_type != MAEConfig.model_type:
+                raise ValueError(
+                    f"MAEUperNetConfig.backbone_config must be an MAE config (model_type "
+                    f"{MAEConfig.model_type!r}), got model_type {model_type!r}"
+                )
+            self.backbone_config = MAEConfig.from_dict(backbone)
+        elif not isinstance(self.backbone_config, MAEConfig):
+            raise ValueError(
+                f"MAEUperNetConfig.backbone_config must be an MAEConfig or a dict, got "
+                f"{type(self.backbone_config).__name__}"
+            )
+        super().__post_init__(**kwargs)
+
+
+class MAEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
+    """transformers' `UperNetForSemanticSegmentation` (same modules, keys and forward) with the
+    `MAEBackbone` built directly instead of through `AutoBackbone`.
+
+    Why it exists: the plain class calls `load_backbone` -> `AutoBackbone.from_config(backbone_config)`,
+    which finds `MAEBackbone` only when `import modeling_mae` has registered it; it passes no
+    `trust_remote_code` and a nested config carries no `auto_map`. Saved with this class, a directory
+    holds `auto_map` + these files and loads with `AutoModelForSemanticSegmentation.from_pretrained(dir,
+    trust_remote_code=True)` without this package, and with `UperNetForSemanticSegmentation.from_pretrained`
+    where `modeling_mae` is imported.
+    """
+
+    config_class = MAEUperNetConfig
+
+    def __init__(self, config: MAEUperNetConfig):
+        UperNetPreTrainedModel.__init__(self, config)
+        self.backbone = MAEBackbone(config.backbone_config)
+        self.decode_head = UperNetHead(config, in_channels=self.backbone.channels)
+        self.auxiliary_head = (
+            UperNetFCNHead(config, in_channels=self.backbone.channels) if config.use_auxiliary_head else None
+        )
+        self.post_init()
+
+    # ---- what optimizers and layer decay ask the model (timm's interface) ------------------------
+    def no_weight_decay(self) -> set[str]:
+        """CLS token and position table of the backbone (besides biases and norms)."""
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm-style groups: backbone embeddings = layer 0, encoder block i = layer i + 1; the pyramid
+        and the UperNet heads are unmatched and so get the top layer id (BEiT's layer-decay rule)."""
+        return dict(stem=r"^backbone\.mae\.embeddings", blocks=[(r"^backbone\.mae\.encoder\.layer\.(\d+)", None)])
+
+
+__all__ = [
+    "MAEBackbone",
+    "MAESimpleFeaturePyramid",
+    "MAEUperNetConfig",
+    "MAEUperNetForSemanticSegmentation",
+]

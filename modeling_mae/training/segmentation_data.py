@@ -1,0 +1,364 @@
+"""Semantic segmentation data and inference for `scripts/segment.py` (the paper's ADE20K setup).
+
+Sources (map-style `datasets`, images decoded lazily):
+- `dataset_name`: a Hub dataset in the `scene_parse_150` layout (`image`, `annotation` columns), a local
+  directory that `datasets.load_dataset` reads (parquet, arrow, ...), or a `save_to_disk` directory;
+- `data_dir`: the ADEChallengeData2016 folder layout, `images/<split>/*.jpg` with
+  `annotations/<split>/*.png` of the same stem (`training` / `validation`, or `train` / `validation`).
+
+Labels. ADE20K's annotations use 0 for "other" (not one of the 150 classes) and 1..150 for the classes;
+the dataset card and the benchmark ignore 0. `reduce_labels=True` maps 0 -> 255 (ignored by the loss
+and the metric) and c -> c - 1, giving classes 0..149 (`reduce_labels`).
+
+Augmentation (mmseg / BEiT ADE20K pipeline), on PIL images, uint8 until the device:
+    random scale   resize so the image fits (2048, 512) x r, r ~ U(0.5, 2.0), keeping the aspect ratio
+    random crop    512 x 512, retried (up to 10 times) so that no class covers more than 75% of it
+    flip           horizontal, p = 0.5
+    photometric    brightness / contrast / saturation / hue jitter (torchvision ColorJitter)
+    pad            to 512 x 512: image 0, label 255
+Evaluation resizes the image to fit (2048, 512) and predicts on 512 x 512 sliding windows (stride 341)
+or on the whole image; the logits are resized to the original annotation before the argmax.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .transforms import pil_to_uint8, to_rgb
+
+
+IGNORE_INDEX = 255
+ADE_SPLIT_DIRS = {"train": ("training", "train"), "validation": ("validation", "val")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------------
+def annotation_to_array(annotation: Image.Image) -> np.ndarray:
+    """A class-index PNG (mode L, P, I or I;16) -> (H, W) int64 array of class ids."""
+    if annotation.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+        raise ValueError(
+            f"annotation images must hold one class id per pixel (mode L, P, I or I;16), got mode {annotation.mode!r}"
+        )
+    return np.asarray(annotation).astype(np.int64)
+
+
+def reduce_labels(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """ADE20K's convention: 0 ("other") -> ignore_index, class c -> c - 1; ignore_index stays."""
+    return np.where((label == 0) | (label == ignore_index), ignore_index, label - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------
+def _ade_split_dir(root: Path, kind: str, split: str) -> Path:
+    for name in ADE_SPLIT_DIRS.get(split, (split,)):
+        if (root / kind / name).is_dir():
+            return root / kind / name
+    raise ValueError(
+        f"`data_dir` {str(root)!r} has no {kind}/<split> folder for split {split!r} "
+        f"(looked for {', '.join(kind + '/' + n for n in ADE_SPLIT_DIRS.get(split, (split,)))})"
+    )
+
+
+def load_ade_folder(data_dir: str | os.PathLike, split: str):
+    """ADEChallengeData2016 layout -> `datasets.Dataset` with `image` and `annotation` Image columns."""
+    import datasets
+
+    root = Path(data_dir).expanduser()
+    images = {p.stem: p for p in sorted(_ade_split_dir(root, "images", split).iterdir()) if not p.name.startswith(".")}
+    annotation_dir = _ade_split_dir(root, "annotations", split)
+    annotations = {p.stem: p for p in sorted(annotation_dir.iterdir()) if p.suffix == ".png"}
+    missing = sorted(set(images) - set(annotations))
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) in {root}/images have no annotation PNG, e.g. {missing[:3]}")
+    stems = sorted(images)
+    data = {"image": [str(images[s]) for s in stems], "annotation": [str(annotations[s]) for s in stems]}
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    return datasets.Dataset.from_dict(data, features=features)
+
+
+def load_segmentation_split(
+    split: str,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_dir: str | None = None,
+    token: str | bool | None = None,
+):
+    """One split as a map-style `datasets.Dataset` (see the module docstring for the sources)."""
+    import datasets
+
+    if (dataset_name is None) == (data_dir is None):
+        raise ValueError(
+            f"give exactly one of `dataset_name` / `data_dir`; got dataset_name={dataset_name!r}, data_dir={data_dir!r}"
+        )
+    if data_dir is not None:
+        return load_ade_folder(data_dir, split)
+    path = Path(dataset_name).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    try:
+        return datasets.load_dataset(dataset_name, dataset_config_name, split=split, token=token)
+    except Exception as err:
+        from .data import _access_error
+
+        if isinstance(err, (FileNotFoundError, ConnectionError, PermissionError)) or type(err).__module__.startswith(
+            ("huggingface_hub", "requests", "httpx", "datasets.exceptions")
+        ):
+            raise _access_error(dataset_name, err) from err
+        raise
+
+
+def check_columns(dataset, image_column: str, label_column: str) -> None:
+    names = list(dataset.column_names)
+    for field, name in (("image_column_name", image_column), ("label_column_name", label_column)):
+        if name not in names:
+            raise ValueError(f"`{field}` is {name!r} but the dataset's columns are {names}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------------
+def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmseg's keep-ratio rescale: the largest (h, w) with long side <= max(scale), short side <= min(scale)."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
+def crop_window(label: np.ndarray, crop: int, cat_max_ratio: float, ignore_index: int, tries: int = 10, rng=random):
+    """Top-left corner of a random crop x crop window in which no class covers more than `cat_max_ratio`
+    of the labelled pixels (mmseg's RandomCrop); the last try is kept if none qualifies."""
+    height, width = label.shape
+    for _ in range(tries):
+        top = rng.randint(0, max(height - crop, 0))
+        left = rng.randint(0, max(width - crop, 0))
+        if cat_max_ratio >= 1.0:
+            break
+        window = label[top : top + crop, left : left + crop]
+        counts = np.bincount(window[window != ignore_index].ravel())
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return top, left
+
+
+class SegTrainTransform:
+    """(PIL image, (H, W) int64 label) -> uint8 (3, S, S), int64 (S, S); see the module docstring."""
+
+    def __init__(
+        self,
+        crop_size: int = 512,
+        base_scale: tuple[int, int] = (2048, 512),
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        hflip: float = 0.5,
+        photometric: bool = True,
+        ignore_index: int = IGNORE_INDEX,
+    ):
+        self.crop_size = crop_size
+        self.base_scale = tuple(base_scale)
+        self.scale_range = tuple(scale_range)
+        self.cat_max_ratio = cat_max_ratio
+        self.hflip = hflip
+        self.ignore_index = ignore_index
+        # mmseg's PhotoMetricDistortion: brightness +-32/255, contrast and saturation 0.5-1.5, hue +-18 deg
+        self.photometric = (
+            v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05) if photometric else None
+        )
+
+    def __call__(
+        self, image: Image.Image, label: np.ndarray, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`seed` fixes every random choice of this example (exact resume); None draws from the global RNGs."""
+        rng = random.Random(seed) if seed is not None else random
+        image = to_rgb(image)
+        # random scale
+        ratio = rng.uniform(*self.scale_range)
+        scale = (int(self.base_scale[0] * ratio), int(self.base_scale[1] * ratio))
+        size = rescale_size(image.height, image.width, scale)
+        image = TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+        label_t = torch.from_numpy(label)[None]
+        label_t = TF.resize(label_t, list(size), interpolation=InterpolationMode.NEAREST)[0]
+        # random crop that no single class dominates
+        top, left = crop_window(label_t.numpy(), self.crop_size, self.cat_max_ratio, self.ignore_index, rng=rng)
+        pixels = pil_to_uint8(image)[:, top : top + self.crop_size, left : left + self.crop_size]
+        label_t = label_t[top : top + self.crop_size, left : left + self.crop_size]
+        # flip, photometric distortion (image only)
+        if rng.random() < self.hflip:
+            pixels, label_t = pixels.flip(-1), label_t.flip(-1)
+        if self.photometric is not None:
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
+                torch.manual_seed(rng.getrandbits(63))
+                pixels = self.photometric(pixels)
+        # pad to the crop size: image 0, label ignored
+        pad_h, pad_w = self.crop_size - pixels.shape[1], self.crop_size - pixels.shape[2]
+        if pad_h > 0 or pad_w > 0:
+            pixels = F.pad(pixels, (0, pad_w, 0, pad_h), value=0)
+            label_t = F.pad(label_t, (0, pad_w, 0, pad_h), value=self.ignore_index)
+        return pixels.contiguous(), label_t.long().contiguous()
+
+
+class SegEvalTransform:
+    """PIL image -> uint8 (3, h, w) resized (keep ratio) to fit `scale`; the label stays at full size."""
+
+    def __init__(self, scale: tuple[int, int] = (2048, 512)):
+        self.scale = tuple(scale)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image)
+        size = rescale_size(image.height, image.width, self.scale)
+        return pil_to_uint8(TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True))
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset` split -> {"pixel_values": uint8 image, "labels": int64 label map}.
+
+    Training augmentation is seeded from (seed, epoch, index): a resumed run sees the same pixels
+    whatever the DataLoader workers or prefetching did before (`set_epoch` before each epoch)."""
+
+    def __init__(self, source, transform, image_column="image", label_column="annotation", reduce_labels=True,
+                 train=True, ignore_index=IGNORE_INDEX, seed: int = 0):
+        check_columns(source, image_column, label_column)
+        self.source, self.transform, self.train = source, transform, train
+        self.image_column, self.label_column = image_column, label_column
+        self.reduce_labels, self.ignore_index = reduce_labels, ignore_index
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def sample_seed(self, index: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.source[int(index)]
+        label = annotation_to_array(example[self.label_column])
+        if self.reduce_labels:
+            label = reduce_labels(label, self.ignore_index)
+        if self.train:
+            pixels, label_t = self.transform(example[self.image_column], label, seed=self.sample_seed(index))
+        else:
+            pixels, label_t = self.transform(example[self.image_column]), torch.from_numpy(label)
+        return {"pixel_values": pixels, "labels": label_t}
+
+
+def collate_train(examples: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.stack([e["labels"] for e in examples]),
+    }
+
+
+def collate_eval(examples: list[dict]) -> dict:
+    """Evaluation images keep their own sizes: lists, not stacked tensors."""
+    return {"pixel_values": [e["pixel_values"] for e in examples], "labels": [e["labels"] for e in examples]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+def _pad_to(pixel_values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return F.pad(pixel_values, (0, width - pixel_values.shape[-1], 0, height - pixel_values.shape[-2]))
+
+
+def whole_inference(model, pixel_values: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(1, 3, h, w) normalised -> (1, num_labels, h, w) logits; padded to a multiple of `multiple` for the model."""
+    height, width = pixel_values.shape[-2:]
+    padded = _pad_to(pixel_values, -(-height // multiple) * multiple, -(-width // multiple) * multiple)
+    return model(pixel_values=padded).logits[..., :height, :width]
+
+
+def slide_inference(model, pixel_values: torch.Tensor, crop: int, stride: int, batch_size: int = 8) -> torch.Tensor:
+    """(1, 3, h, w) normalised -> (1, num_labels, h, w) logits averaged over crop x crop windows
+    `stride` apart (the last window of a row / column is aligned to the border; smaller images are padded)."""
+    height, width = pixel_values.shape[-2:]
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    logits = counts = None
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start : start + batch_size]
+        windows = torch.cat([_pad_to(pixel_values[..., y1:y2, x1:x2], crop, crop) for y1, y2, x1, x2 in chunk])
+        out = model(pixel_values=windows).logits.float()
+        if logits is None:
+            logits = out.new_zeros(1, out.shape[1], height, width)
+            counts = out.new_zeros(1, 1, height, width)
+        for window_logits, (y1, y2, x1, x2) in zip(out, chunk):
+            logits[0, :, y1:y2, x1:x2] += window_logits[:, : y2 - y1, : x2 - x1]
+            counts[0, :, y1:y2, x1:x2] += 1
+    return logits / counts
+
+
+def predict_label_map(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, num_labels, h, w) logits -> (H, W) class ids at the annotation's size (bilinear, then argmax)."""
+    logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return logits[0].argmax(dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# A generated dataset in the ADE20K layout (tests, CPU demo)
+# --------------------------------------------------------------------------------------------------
+def synthetic_example(rng: np.random.Generator, size: int, num_classes: int) -> tuple[Image.Image, Image.Image]:
+    """A noisy image of coloured rectangles and its annotation: 0 ("other") in the background, class
+    c in [1, num_classes] for a rectangle of colour c, as in ADE20K's raw annotations."""
+    palette = np.array([[90, 90, 90]] + [[(70 * c) % 256, (150 * c + 60) % 256, (40 * c + 200) % 256]
+                                          for c in range(1, num_classes + 1)], dtype=np.float32)
+    label = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(3):
+        cls = int(rng.integers(1, num_classes + 1))
+        h, w = rng.integers(size // 4, size // 2 + 1, size=2)
+        top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        label[top : top + h, left : left + w] = cls
+    image = palette[label] + rng.normal(0, 12, size=(size, size, 3))
+    image = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="RGB")
+    return image, Image.fromarray(label, mode="L")
+
+
+def write_synthetic_ade_folder(root: str | os.PathLike, num_train: int = 32, num_val: int = 8, size: int = 64,
+                               num_classes: int = 4, seed: int = 0) -> Path:
+    """Write `images/{training,validation}/*.jpg` + `annotations/{training,validation}/*.png`."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, count in (("training", num_train), ("validation", num_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, annotation = synthetic_example(rng, size, num_classes)
+            image.save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg", quality=95)
+            annotation.save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
+    return root
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a generated segmentation dataset in the ADE20K folder layout")
+    parser.add_argument("output_dir")
+    parser.add_argument("--num_train", type=int, default=64)
+    parser.add_argument("--num_val", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--num_classes", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    root = write_synthetic_ade_folder(
+        args.output_dir, args.num_train, args.num_val, args.size, args.num_classes, args.seed
+    )
+    print(root)
