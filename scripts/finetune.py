@@ -1,0 +1,263 @@
+#!/usr/bin/env python
+"""Fine-tune a pretrained MAE encoder for image classification (the paper's Table 9 recipe).
+
+    accelerate launch scripts/finetune.py --config configs/finetune/vit_base.yaml \
+        --model_name_or_path facebook/... | ./mae-pretrained | mae_pretrain_vit_base.pth \
+        --dataset_name ILSVRC/imagenet-1k --output_dir outputs/mae-vit-base-ft
+    python scripts/finetune.py --config configs/finetune/demo.yaml        # CPU demo, synthetic data
+
+The loop, top to bottom: `MAEForImageClassification` from the pretrained encoder (mean pooling +
+fc_norm + Linear, drop path) -> AdamW over layer-wise lr-decayed parameter groups (timm) -> per
+step: uint8 batch -> normalise on the device -> random erasing -> Mixup/CutMix (timm) -> soft-target
+cross-entropy -> warm-up + cosine lr per optimizer step (transformers) -> after every epoch: top-1 /
+top-5 / loss on the validation split (`evaluate` module, `gather_for_metrics`), a resumable
+checkpoint, the best model in `output_dir/best`; at the end the last model in `output_dir` (with
+`id2label` and a model card reporting the measured accuracy), optionally pushed to the Hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from modeling_mae.training.checkpoint import CheckpointManager
+from modeling_mae.training.config import parse_config, to_yaml
+from modeling_mae.training.export import export_model
+from modeling_mae.training.finetune_utils import (
+    FinetuneTrainTransform,
+    build_classification_loaders,
+    build_criterion,
+    build_mixup,
+    build_random_erasing,
+    evaluate_classifier,
+    finish_classifier_run,
+    label_maps,
+    layer_decay_param_groups,
+    load_classifier,
+    load_classification_splits,
+    load_metric,
+    make_synthetic_classification,
+    prepare_mixup_batch,
+    set_train_epoch,
+)
+from modeling_mae.training.optim import create_optimizer, create_scheduler, effective_batch_size, scaled_lr
+from modeling_mae.training.runtime import make_accelerator
+from modeling_mae.training.transforms import EvalTransform, normalize_on_device
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tune a pretrained MAE (defaults: the ViT-B/16 recipe of the paper, Table 9)."""
+
+    # model
+    model_name_or_path: str = ""  # save_pretrained directory, Hub id, or official .pth checkpoint
+    drop_path_rate: float = 0.1
+    # data: a Hub dataset (both splits), or local folders (parquet / webdataset / images)
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_dir: str | None = None
+    validation_dir: str | None = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    image_column: str | None = None  # detected when None (image, jpg, ...)
+    label_column: str | None = None  # detected when None (label, cls, ...)
+    num_labels: int | None = None  # from the ClassLabel feature, else max label + 1
+    create_demo_data: bool = False  # write the synthetic 4-class image folders into train_dir / validation_dir
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    dataloader_num_workers: int = 8
+    # augmentation (official: RandAugment 9 / 0.5, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1)
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    label_smoothing: float = 0.1
+    eval_crop_pct: float = 224 / 256
+    # optimisation: lr = blr * effective batch / 256 unless learning_rate is given
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    blr: float = 5e-4
+    learning_rate: float | None = None
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    min_lr: float = 1e-6
+    num_train_epochs: int = 100
+    num_warmup_epochs: float = 5
+    max_grad_norm: float | None = None
+    # runtime
+    mixed_precision: str | None = None  # no | bf16 | fp16; None: the launcher's (accelerate config)
+    seed: int = 0
+    output_dir: str = "outputs/mae-finetune"
+    checkpointing_steps: int | None = None  # also save every N optimizer steps (always at each epoch end)
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
+    with_tracking: bool = False
+    report_to: str = "tensorboard"
+    logging_steps: int = 50
+    # hub
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_include_checkpoints: bool = False
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "num_train_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"`layer_decay` must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.num_warmup_epochs <= self.num_train_epochs:
+            raise ValueError(f"`num_warmup_epochs` must be in [0, num_train_epochs], got {self.num_warmup_epochs}")
+        if self.mixup_mode not in ("batch", "pair", "elem"):
+            raise ValueError(f"`mixup_mode` must be batch, pair or elem, got {self.mixup_mode!r}")
+
+    def check_required(self):
+        if not self.model_name_or_path:
+            raise ValueError("`model_name_or_path` is required (a directory, a Hub id or an official .pth file)")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("`push_to_hub` needs `hub_model_id` (user/name)")
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(FinetuneConfig, argv, description=__doc__)
+    cfg.check_required()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
+    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    if accelerator.is_main_process:
+        print(f"# resolved config\n{to_yaml(cfg)}", flush=True)
+    set_seed(cfg.seed)  # the same new head on every process
+    if cfg.create_demo_data and accelerator.is_main_process:
+        for directory, count, seed in ((cfg.train_dir, 96, 0), (cfg.validation_dir, 32, 1)):
+            if directory and not Path(directory).exists():
+                make_synthetic_classification(directory, count, seed=seed)
+    accelerator.wait_for_everyone()
+
+    # ---- data and model: the pretrained encoder + a new head with the dataset's labels -------------
+    splits = load_classification_splits(cfg, accelerator)
+    model = load_classifier(cfg.model_name_or_path, drop_path_rate=cfg.drop_path_rate, pooling="mean",
+                            linear_probe_head=False, num_labels=len(splits.class_names),
+                            **label_maps(splits.class_names))
+    size = model.config.image_hw
+    train_loader, eval_loader = build_classification_loaders(
+        cfg, accelerator, splits,
+        FinetuneTrainTransform(size, cfg.auto_augment, scale=cfg.crop_scale),
+        EvalTransform(size, cfg.eval_crop_pct),
+    )
+    names = splits.class_names
+
+    # ---- optimiser and schedule (per optimizer step) ----------------------------------------------
+    batch = effective_batch_size(cfg.per_device_train_batch_size, accelerator.num_processes,
+                                 cfg.gradient_accumulation_steps)
+    lr = cfg.learning_rate or scaled_lr(cfg.blr, batch)
+    groups = layer_decay_param_groups(model, lr, cfg.weight_decay, cfg.layer_decay)
+    optimizer = create_optimizer(groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * cfg.num_train_epochs
+    scheduler = create_scheduler(optimizer, round(cfg.num_warmup_epochs * steps_per_epoch), total_steps,
+                                 min_lr=cfg.min_lr)
+    accelerator.register_for_checkpointing(scheduler)
+
+    mixup = build_mixup(cfg.mixup, cfg.cutmix, cfg.label_smoothing, len(names), cfg.mixup_prob,
+                        cfg.mixup_switch_prob, cfg.mixup_mode)
+    criterion = build_criterion(mixup is not None, cfg.label_smoothing)
+    erase = build_random_erasing(cfg.reprob, accelerator.device)
+    metric = load_metric("top_k_accuracy")
+    logger.info("effective batch %d, lr %.3g, %d steps/epoch, %d classes", batch, lr, steps_per_epoch, len(names))
+
+    # ---- resume ------------------------------------------------------------------------------------
+    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
+    state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": []}
+    resume = manager.resolve(cfg.resume_from_checkpoint)
+    if resume is not None:
+        state, _ = manager.load(accelerator, resume)
+        logger.info("resumed from %s at step %d", resume, state["step"])
+    if cfg.with_tracking:
+        accelerator.init_trackers("mae_finetune", {k: str(v) for k, v in vars(cfg).items()})
+
+    def save_checkpoint():
+        manager.save(accelerator, state["step"], trainer_state=state, config_yaml=to_yaml(cfg))
+
+    def logits_of(pixel_values):
+        return model(pixel_values=normalize_on_device(pixel_values)).logits
+
+    # ---- train -------------------------------------------------------------------------------------
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    for epoch in range(state["epoch"], cfg.num_train_epochs):
+        model.train()
+        set_train_epoch(train_loader, epoch)
+        done_in_epoch = state["step"] - epoch * steps_per_epoch
+        loader = train_loader
+        if done_in_epoch > 0:  # resumed mid-epoch: skip the batches already trained on, this epoch only
+            loader = accelerator.skip_first_batches(train_loader, done_in_epoch * cfg.gradient_accumulation_steps)
+        for pixel_values, labels, _ in loader:
+            with accelerator.accumulate(model):
+                images = normalize_on_device(pixel_values)
+                if erase is not None:
+                    images = erase(images)
+                images, targets = prepare_mixup_batch(mixup, images, labels)
+                loss = criterion(model(pixel_values=images).logits.float(), targets)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state["step"] += 1
+            progress.update(1)
+            if state["step"] % cfg.logging_steps == 0:
+                logs = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[-1]["lr"], "epoch": epoch}
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                if cfg.with_tracking:
+                    accelerator.log(logs, step=state["step"])
+            if cfg.checkpointing_steps and state["step"] % cfg.checkpointing_steps == 0:
+                save_checkpoint()
+
+        # ---- evaluate every epoch; keep the best model ----------------------------------------------
+        model.eval()
+        results = evaluate_classifier(logits_of, eval_loader, accelerator, len(names), metric)
+        state["epoch"] = epoch + 1
+        state["history"].append({"epoch": epoch + 1, **results})
+        logger.info("epoch %d: top-1 %.2f top-5 %.2f loss %.4f", epoch + 1, results["top1"], results["top5"],
+                    results["loss"])
+        if cfg.with_tracking:
+            accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state["step"])
+        if results["top1"] > state["best_top1"]:
+            state["best_top1"], state["best_epoch"] = results["top1"], epoch + 1
+            export_model(accelerator.unwrap_model(model), Path(cfg.output_dir) / "best",
+                         state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process)
+        save_checkpoint()
+    progress.close()
+
+    # ---- export the last model, the card with the measured accuracy, the Hub -------------------------
+    exit_code = finish_classifier_run(accelerator, model, cfg, state, script="finetune.py", method="fine-tuned")
+    accelerator.end_training()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
