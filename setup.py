@@ -23,8 +23,10 @@ setup(
         "pyyaml>=6",
         "numpy",
         "tqdm",
+        "jinja2",  # model cards (huggingface_hub ModelCard.from_template)
     ],
     extras_require={
+        "demo": ["scikit-image>=0.22", "tensorboard"],  # the CPU demo's photographs; TensorBoard logs
         "dev": ["pytest>=8", "scikit-image>=0.22", "tensorboard"],
     },
 )

@@ -1,8 +1,11 @@
 """Shared test set-up: no network, small threads, deterministic seeds."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# datasets' Arrow caches of the tests' generated data go to a throw-away folder, not ~/.cache
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="mae-tests-datasets-"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 

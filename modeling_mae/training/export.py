@@ -1,0 +1,100 @@
+"""Export a trained model: `save_pretrained`, the image processor, a model card, and the Hub.
+
+    export_model(model, output_dir, image_processor=None)          # weights, config, code, processor
+    write_model_card(output_dir, card_data=..., **template_values)  # README.md from model_card.md
+    push_to_hub(output_dir, hub_model_id, include_checkpoints=False)
+
+The model card is rendered from the template `model_card.md` (repository root, or `template_path`)
+with huggingface_hub's `ModelCard.from_template` and `ModelCardData` (license, datasets, tags, ...).
+
+`push_to_hub` uploads an already complete local directory with `huggingface_hub.HfApi`
+(`create_repo`, then `upload_folder`). It raises `HubPushError` saying why (not logged in, no
+network, no permission ...) and never touches the local files, so a failed push can be retried with
+`hf upload REPO_ID OUTPUT_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
+CHECKPOINT_PATTERNS = ["checkpoints/*", "checkpoints/**"]
+
+
+class HubPushError(RuntimeError):
+    """Uploading to the Hub failed; the local output directory is complete."""
+
+
+def export_model(
+    model, output_dir: str | os.PathLike, image_processor=None, state_dict: dict | None = None, is_main_process: bool = True
+) -> Path:
+    """`model.save_pretrained(output_dir)` (safetensors, config with `auto_map`, modeling code) and
+    the image processor (the model's default `ViTImageProcessor` unless one is given).
+
+    `state_dict`: the full weights when the model is sharded (`accelerator.get_state_dict(model)`)."""
+    output_dir = Path(output_dir)
+    if is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(output_dir, image_processor=image_processor, state_dict=state_dict, is_main_process=True)
+    return output_dir
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    card_data: dict | None = None,
+    template_path: str | os.PathLike | None = None,
+    **template_values,
+) -> Path:
+    """Render the model card template into `output_dir/README.md`.
+
+    Args:
+        card_data: metadata for the YAML header (`ModelCardData` fields: license, datasets, tags,
+            library_name, pipeline_tag, model_name, ...).
+        template_values: the template's variables (steps, final_loss, config_yaml, ...).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    template_path = Path(template_path) if template_path else DEFAULT_TEMPLATE
+    if not template_path.is_file():
+        raise ValueError(f"model card template not found: {str(template_path)!r}")
+    data = ModelCardData(**(card_data or {}))
+    card = ModelCard.from_template(data, template_path=str(template_path), **template_values)
+    path = Path(output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def push_to_hub(
+    output_dir: str | os.PathLike,
+    hub_model_id: str,
+    include_checkpoints: bool = False,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload MAE pretrained with modeling_mae",
+) -> str:
+    """Upload `output_dir` to the model repo `hub_model_id` (created if needed); returns its URL.
+
+    `checkpoints/` is left out unless `include_checkpoints`. Raises `HubPushError` with the reason."""
+    from huggingface_hub import HfApi
+
+    if not hub_model_id:
+        raise ValueError("`hub_model_id` must name the target repository (user/name) to push to the Hub")
+    api = HfApi(token=token)
+    try:
+        repo = api.create_repo(hub_model_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=str(output_dir),
+            repo_type="model",
+            commit_message=commit_message,
+            ignore_patterns=None if include_checkpoints else CHECKPOINT_PATTERNS,
+        )
+    except Exception as err:  # HfHubHTTPError, offline mode, connection errors, ...
+        raise HubPushError(
+            f"pushing {str(output_dir)!r} to the Hub repo {hub_model_id!r} failed ({type(err).__name__}: {err}). "
+            f"The local output is complete; check `hf auth whoami` / HF_TOKEN and the network, then retry with "
+            f"`hf upload {hub_model_id} {output_dir}`."
+        ) from err
+    return f"https://huggingface.co/{repo.repo_id}"

@@ -1,0 +1,93 @@
+"""Optimizer, learning rate and schedule, as in the MAE recipes.
+
+- `param_groups_weight_decay`: weight decay only on tensors with dim >= 2 that the model does not list in
+  `no_weight_decay()` (so no decay on biases, norms, position embeddings, CLS / mask tokens); frozen
+  parameters (the fixed sin-cos tables) are left out.
+- `effective_batch_size` / `scaled_lr`: lr = blr * (per-device batch x processes x accumulation) / 256.
+- `create_optimizer`: AdamW, fused when the parameters live on a device that has the fused kernel.
+- `create_scheduler`: linear warm-up then half-cycle cosine, stepped once per optimizer step
+  (transformers' `get_cosine_schedule_with_warmup`, or its `min_lr` variant).
+
+Other scripts add layer-wise lr decay by passing their own groups to `create_optimizer`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float, skip: set[str] | None = None) -> list[dict]:
+    """Two groups: {"params": decayed, "weight_decay": wd} and {"params": not decayed, "weight_decay": 0}.
+
+    Not decayed: every trainable tensor with `dim < 2` (biases, LayerNorm) and the names in
+    `skip` or in `model.no_weight_decay()` when the model has one."""
+    if skip is None:
+        skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name in skip else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def effective_batch_size(per_device_batch_size: int, num_processes: int, gradient_accumulation_steps: int) -> int:
+    return per_device_batch_size * num_processes * gradient_accumulation_steps
+
+
+def scaled_lr(base_learning_rate: float, effective_batch: int) -> float:
+    """The linear scaling rule of the MAE recipes: lr = blr * effective batch / 256."""
+    return base_learning_rate * effective_batch / 256
+
+
+def _fused_available(params: list[torch.Tensor]) -> bool:
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        return False
+    return bool(params) and all(p.device.type in ("cuda", "xpu", "mps") for p in params)
+
+
+def create_optimizer(
+    groups: list[dict],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over `groups` (each may carry its own weight_decay / lr_scale); fused when available
+    (parameters on CUDA, XPU or MPS) unless `fused=False`."""
+    params = [p for g in groups for p in g["params"]]
+    if fused is None:
+        fused = _fused_available(params)
+    groups = [g for g in groups if g["params"]]
+    for group in groups:
+        group.setdefault("lr", lr * group.get("lr_scale", 1.0))
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+
+
+def create_scheduler(optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0):
+    """Linear warm-up for `warmup_steps`, then half-cycle cosine down to `min_lr` at `total_steps`.
+
+    Per-group `lr_scale` (layer decay) is kept since LambdaLR scales each group's initial lr."""
+    from transformers import get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    if total_steps < 1:
+        raise ValueError(f"the schedule needs total_steps >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+    if min_lr > 0:
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup_steps, total_steps, num_cycles=0.5, min_lr=min_lr
+        )
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps, num_cycles=0.5)
+
+
+def steps_for_epochs(epochs: float, steps_per_epoch: int) -> int:
+    return int(math.ceil(epochs * steps_per_epoch))

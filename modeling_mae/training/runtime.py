@@ -1,0 +1,206 @@
+"""What every training script sets up around its loop: the Accelerator, trackers, progress, speed.
+
+- `make_accelerator(...)`: mixed precision (bf16 preferred), trackers, and an explicit
+  `DataLoaderConfiguration(dispatch_batches=False, split_batches=False)`: every process reads its own
+  part of the stream (`split_dataset_by_node`), nothing is re-dispatched from rank 0.
+- `resolve_trackers(report_to)`: "all" / "tensorboard" / "wandb" / "none", dropping (with a warning)
+  trackers whose package is not installed.
+- `SpeedMeter`: images / s, fraction of time waiting for data, and MFU from `flops_per_image`.
+- `flops_per_image(config, mask_ratio)`: training FLOPs of one MAE image (3 x forward matmuls).
+- `peak_flops(device, override_tflops)`: dense bf16 peak per device from a small table of known
+  accelerators, or the configured value; None (no MFU) when unknown.
+- `NonFiniteGuard`: counts skipped NaN/inf steps and stops the run after N in a row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import time
+import warnings
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a NaN/inf loss or gradient."""
+
+
+def resolve_trackers(report_to: str | list[str] | None) -> list[str]:
+    """Tracker names for `Accelerator(log_with=...)`; missing packages are dropped with a warning."""
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml"}
+    if report_to in (None, "none", "", []):
+        return []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if "all" in names:
+        return [n for n, pkg in packages.items() if importlib.util.find_spec(pkg) is not None]
+    kept = []
+    for name in names:
+        if name not in packages:
+            raise ValueError(f"`report_to` entries must be one of {sorted(packages)} or 'all'/'none', got {name!r}")
+        if importlib.util.find_spec(packages[name]) is None:
+            warnings.warn(f"tracker {name!r} is not installed (pip install {packages[name]}); not logging to it")
+            continue
+        kept.append(name)
+    return kept
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking: bool, report_to, cpu: bool = False):
+    """An Accelerator for an explicit loop whose processes each read their own shard of a stream.
+
+    `mixed_precision` None takes the launcher's setting (`accelerate launch --mixed_precision` / config file).
+    Several processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs
+    become CPU processes: accelerate's own `--cpu` launcher starts several processes only through mpirun."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    if mixed_precision not in (None, "no", "bf16", "fp16", "fp8"):
+        raise ValueError(f"`mixed_precision` must be one of no/bf16/fp16/fp8, got {mixed_precision!r}")
+    trackers = resolve_trackers(report_to) if with_tracking else []
+    if not cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: run as CPU processes (gloo)
+        cpu = True
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=cpu,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/runs"),
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False, even_batches=False),
+        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+# --------------------------------------------------------------------------------------------------
+def _vit_flops(tokens: int, dim: int, mlp_dim: int, layers: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of `layers` pre-norm ViT blocks on `tokens` tokens."""
+    matmuls = 2 * tokens * (4 * dim * dim + 2 * dim * mlp_dim)  # qkv + proj, fc1 + fc2
+    attention = 2 * 2 * tokens * tokens * dim  # q @ k^T and attn @ v
+    return layers * (matmuls + attention)
+
+
+def flops_per_image(config, mask_ratio: float | None = None) -> float:
+    """Training FLOPs of one image through `MAEForPreTraining` (forward x 3 for forward + backward)."""
+    ratio = config.mask_ratio if mask_ratio is None else mask_ratio
+    length = config.num_patches
+    keep = int(length * (1 - ratio))
+    patch_dim = config.patch_size**2 * config.num_channels
+    dim, dec = config.hidden_size, config.decoder_hidden_size
+    forward = (
+        2 * keep * patch_dim * dim  # patch projection of the visible patches
+        + _vit_flops(1 + keep, dim, config.intermediate_size, config.num_hidden_layers)
+        + 2 * (1 + keep) * dim * dec  # decoder_embed
+        + _vit_flops(1 + length, dec, config.decoder_intermediate_size, config.decoder_num_hidden_layers)
+        + 2 * length * dec * patch_dim  # decoder_pred
+    )
+    return 3.0 * forward
+
+
+# Dense bf16 tensor-core peak (FLOP/s) of common accelerators, from the vendors' data sheets.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 756e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,  # fp16
+    "T4": 65e12,  # fp16
+}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: the configured `peak_tflops`, else the table entry whose name the
+    CUDA device name contains, else None (MFU is then not reported)."""
+    if override_tflops:
+        return float(override_tflops) * 1e12
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():  # most specific names first
+        if key in name:
+            return value
+    return None
+
+
+class SpeedMeter:
+    """Images / s, data-wait fraction and MFU over the steps since the last `read()`."""
+
+    def __init__(self, flops_per_image: float, peak_flops_total: float | None):
+        self.flops_per_image = flops_per_image
+        self.peak = peak_flops_total
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.images = 0
+        self.data_wait = 0.0
+
+    def add(self, images: int, data_wait: float) -> None:
+        self.images += images
+        self.data_wait += data_wait
+
+    def read(self) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        images_per_s = self.images / elapsed
+        out = {"images_per_s": images_per_s, "data_wait_fraction": min(self.data_wait / elapsed, 1.0)}
+        if self.peak:
+            out["mfu"] = images_per_s * self.flops_per_image / self.peak
+        return out
+
+
+class NonFiniteGuard:
+    """Decides whether an optimizer step is skipped for a NaN/inf loss (or gradient norm).
+
+    `check(finite)` returns True when the step must be skipped, counts it, and raises
+    `NonFiniteLossError` after `max_consecutive` skipped steps in a row (0 disables the stop)."""
+
+    def __init__(self, max_consecutive: int = 10):
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+
+    def check(self, finite: bool, step: int) -> bool:
+        if finite:
+            self.consecutive = 0
+            return False
+        self.skipped += 1
+        self.consecutive += 1
+        logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, self.consecutive)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.consecutive} optimizer steps in a row had a NaN/inf loss or gradient (last at step {step}); "
+                f"stopping. The last complete checkpoint is intact: lower the learning rate (`blr`), enable "
+                f"`max_grad_norm`, or use bf16 instead of fp16, then resume with `--resume_from_checkpoint latest`."
+            )
+        return True
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive = int(state.get("skipped", 0)), int(state.get("consecutive", 0))
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,566 @@
+"""Pretrain a masked autoencoder (MAE) with an explicit Accelerate loop over streamed images.
+
+    accelerate launch scripts/pretrain.py --config configs/pretrain/vit_base_patch16.yaml [--flag value ...]
+    python scripts/pretrain.py --config configs/pretrain/demo.yaml                # tiny CPU demo
+
+One typed config (`PretrainConfig`: YAML + command-line overrides, flag names as in transformers'
+`*_no_trainer` examples), printed at start and saved with every checkpoint. The loop, top to bottom:
+
+    data      load_source -> split_for_process -> ImageStream (decode, RandomResizedCrop + flip, uint8)
+              -> DataLoader workers; normalised on the device. Each process already streams its own
+              shards (`split_dataset_by_node`), so the DataLoader does not go through
+              `accelerator.prepare`, and `dispatch_batches=False` is set explicitly all the same
+    schedule  lr = blr x effective batch / 256; warm-up then half-cycle cosine per optimizer step
+    step      `gradient_accumulation_steps` micro-batches (no gradient sync but on the last), loss in fp32,
+              optional clipping, NaN/inf steps skipped and counted, optimizer + schedule step
+    observe   tqdm (step, loss, img/s, ETA), trackers (loss, lr, img/s, MFU, data-wait fraction),
+              reconstruction grid PNG every `reconstruction_steps`
+    persist   atomic checkpoints every `checkpointing_steps` (keep the last `checkpoints_total_limit`),
+              exact resume (`--resume_from_checkpoint latest|PATH`), export + model card, `--push_to_hub`
+
+Test hook: the environment variable `MAE_CRASH_AT_STEP=N` kills the process (SIGKILL) right after
+optimizer step N, to test resuming.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from modeling_mae import MAEConfig, MAEForPreTraining
+from modeling_mae.training.checkpoint import CheckpointManager
+from modeling_mae.training.config import parse_config, to_yaml
+from modeling_mae.training.data import (
+    ImageStream,
+    StreamTracker,
+    count_examples,
+    load_source,
+    make_dataloader,
+    split_for_process,
+    write_demo_dataset,
+)
+from modeling_mae.training.export import HubPushError, export_model, push_to_hub, write_model_card
+from modeling_mae.training.optim import (
+    create_optimizer,
+    create_scheduler,
+    effective_batch_size,
+    param_groups_weight_decay,
+    scaled_lr,
+    steps_for_epochs,
+)
+from modeling_mae.training.runtime import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    SpeedMeter,
+    flops_per_image,
+    make_accelerator,
+    peak_flops,
+)
+from modeling_mae.training.transforms import TrainTransform, normalize_on_device
+
+
+logger = logging.getLogger("pretrain")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """MAE pretraining (defaults: the official ViT-B/16 ImageNet-1k recipe, He et al. 2021, A.1)."""
+
+    # ---- data ------------------------------------------------------------------------------------
+    dataset_name: Optional[str] = "ILSVRC/imagenet-1k"  # Hub dataset (parquet or webdataset layout)
+    dataset_config_name: Optional[str] = None
+    train_dir: Optional[str] = None  # local folder of parquet / webdataset .tar / images; replaces dataset_name
+    train_split: str = "train"
+    image_column: Optional[str] = None  # detected when None (image, jpg, ...)
+    label_column: Optional[str] = None  # detected when None (label, cls, ...); unused by pretraining
+    num_train_examples: Optional[int] = None  # epoch length when the dataset does not tell
+    shuffle_buffer_size: int = 2000  # examples per shuffle window
+    dataloader_num_workers: int = 8
+    create_demo_data: bool = False  # write scikit-image crops into train_dir first if it is empty
+    # ---- model -----------------------------------------------------------------------------------
+    model_preset: str = "mae-vit-base-patch16"
+    model_name_or_path: Optional[str] = None  # start from saved MAEForPreTraining weights instead
+    model_config: dict = field(default_factory=dict)  # MAEConfig overrides, e.g. {drop_path_rate: 0.1}
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    # ---- augmentation ----------------------------------------------------------------------------
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: float = 0.5
+    # ---- optimization ----------------------------------------------------------------------------
+    per_device_train_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    blr: float = 1.5e-4  # base lr: lr = blr x effective batch / 256
+    learning_rate: Optional[float] = None  # absolute lr; when set, blr is not used (and the log says so)
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    num_train_epochs: float = 800
+    max_train_steps: Optional[int] = None  # overrides num_train_epochs
+    num_warmup_epochs: float = 40
+    num_warmup_steps: Optional[int] = None  # overrides num_warmup_epochs
+    max_grad_norm: Optional[float] = None
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16; None: the launcher's (accelerate config)
+    torch_compile: bool = False
+    gradient_checkpointing: bool = False
+    max_consecutive_nonfinite: int = 10
+    seed: int = 0
+    num_threads: Optional[int] = None  # intra-op CPU threads per process (torch.set_num_threads); None: default
+    # ---- checkpoints and output ------------------------------------------------------------------
+    output_dir: str = "outputs/mae-pretrain"
+    checkpointing_steps: Optional[int] = 1000
+    checkpoints_total_limit: Optional[int] = 3
+    resume_from_checkpoint: Optional[str] = None  # latest | PATH
+    # ---- what the user sees ----------------------------------------------------------------------
+    with_tracking: bool = False
+    report_to: str = "tensorboard"  # tensorboard | wandb | all | none
+    logging_steps: int = 10
+    reconstruction_steps: Optional[int] = 1000
+    num_reconstruction_images: int = 8
+    peak_tflops: Optional[float] = None  # per device, for MFU; known GPUs are looked up
+    log_sample_ids: bool = False  # write the ids of the consumed samples to OUTPUT_DIR/sample_ids/
+    # ---- Hub -------------------------------------------------------------------------------------
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_private_repo: Optional[bool] = None
+    hub_include_checkpoints: bool = False
+    hub_token: Optional[str] = None
+
+    def __post_init__(self):
+        if self.train_dir is None and self.dataset_name is None:
+            raise ValueError("set `dataset_name` (a Hub dataset) or `train_dir` (a local folder); both are None")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"`mask_ratio` must be in [0, 1), got {self.mask_ratio}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"`crop_scale` must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("`push_to_hub` needs `hub_model_id` (user/name), got None")
+        if self.resume_from_checkpoint == "":
+            raise ValueError("`resume_from_checkpoint` must be 'latest' or a path, got ''")
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint (trainer_state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    last_loss: float = float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+def build_model(cfg: PretrainConfig) -> MAEForPreTraining:
+    overrides = {**cfg.model_config, "mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss}
+    if cfg.model_name_or_path:
+        return MAEForPreTraining.from_pretrained(cfg.model_name_or_path, **overrides)
+    return MAEForPreTraining(MAEConfig.from_preset(cfg.model_preset, **overrides))
+
+
+def build_stream(cfg: PretrainConfig, accelerator, image_size) -> ImageStream:
+    source = load_source(
+        dataset_name=None if cfg.train_dir else cfg.dataset_name,
+        dataset_config_name=cfg.dataset_config_name,
+        train_dir=cfg.train_dir,
+        split=cfg.train_split,
+        token=cfg.hub_token,
+    )
+    source = split_for_process(source, accelerator.process_index, accelerator.num_processes, cfg.dataloader_num_workers)
+    transform = TrainTransform(image_size, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+    return ImageStream(
+        source,
+        transform,
+        batch_size=cfg.per_device_train_batch_size,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        shuffle_window=cfg.shuffle_buffer_size,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        drop_last=True,
+    )
+
+
+def schedule_lengths(cfg: PretrainConfig, effective_batch: int, num_examples: Optional[int]) -> tuple[int, int]:
+    """(total optimizer steps, warm-up steps) from epochs or explicit step counts."""
+    steps_per_epoch = num_examples // effective_batch if num_examples else None
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the dataset has {num_examples} examples, fewer than one effective batch of {effective_batch}"
+        )
+    if cfg.max_train_steps is None and steps_per_epoch is None:
+        raise ValueError(
+            "the number of training examples is unknown for this stream: set `num_train_examples` or `max_train_steps`"
+        )
+    total = cfg.max_train_steps or steps_for_epochs(cfg.num_train_epochs, steps_per_epoch)
+    if cfg.num_warmup_steps is not None:
+        warmup = cfg.num_warmup_steps
+    elif steps_per_epoch is not None:
+        warmup = steps_for_epochs(cfg.num_warmup_epochs, steps_per_epoch)
+    else:
+        raise ValueError("set `num_warmup_steps` (the epoch length is unknown, so `num_warmup_epochs` cannot be used)")
+    return total, min(warmup, total)
+
+
+def next_micro_batches(batches, count: int, tracker: StreamTracker, accelerator) -> Optional[list[dict]]:
+    """`count` consumed batches of this process, or None on every process as soon as one process's
+    stream is exhausted (so no process waits for a gradient sync that never comes)."""
+    taken = []
+    while len(taken) < count:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        if batch.get("placeholder"):
+            continue
+        taken.append(batch)
+    have = torch.tensor([1.0 if len(taken) == count else 0.0], device=accelerator.device)
+    if accelerator.gather(have).min().item() < 1.0:
+        return None
+    for batch in taken:
+        tracker.update(batch)
+    return taken
+
+
+def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, guard: NonFiniteGuard, step: int):
+    """One optimizer step over the micro-batches. Returns (mean loss, whether the step was applied)."""
+    model.train()
+    losses = []
+    for index, batch in enumerate(micro_batches):
+        pixel_values = normalize_on_device(batch["pixel_values"].to(accelerator.device, non_blocking=True))
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with sync:
+            loss = model(pixel_values=pixel_values).loss  # fp32 (forward_loss upcasts)
+            accelerator.backward(loss / len(micro_batches))
+        losses.append(loss.detach().float())
+    loss = torch.stack(losses).mean()
+    finite = torch.isfinite(loss)
+    if cfg.max_grad_norm:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
+    # every process takes the same decision
+    all_finite = accelerator.gather(finite.float().reshape(1)).min().item() > 0
+    if guard.check(all_finite, step):
+        optimizer.zero_grad(set_to_none=True)
+        return loss, False
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf: keep the schedule
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, True
+
+
+@torch.no_grad()
+def write_reconstruction(model, images_uint8: torch.Tensor, path: Path, seed: int) -> Path:
+    """Reconstruction grid PNG; its own RNG, so the training RNG (masks) is untouched."""
+    from modeling_mae.training.visualization import reconstruction_grid
+
+    with torch.random.fork_rng(devices=[]):
+        image = reconstruction_grid(model, images_uint8, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+@torch.no_grad()
+def param_checksum(model) -> list[float]:
+    """(sum, sum of squares) of all parameters in float64: a cheap fingerprint to compare replicas."""
+    total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
+    for param in model.parameters():
+        p = param.detach().double()
+        total += torch.stack([p.sum(), p.square().sum()])
+    return total.tolist()
+
+
+class SampleLog:
+    """Ids of the samples consumed by this process, one `step<TAB>id` line each (for checks of exact
+    resume); truncated back to the resumed step so a crashed tail is not counted twice."""
+
+    def __init__(self, output_dir: str, rank: int, enabled: bool):
+        self.path = Path(output_dir) / "sample_ids" / f"rank{rank}.txt"
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if int(line.split("\t", 1)[0]) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, micro_batches: list[dict]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            for batch in micro_batches:
+                f.writelines(f"{step}\t{sid}\n" for sid in batch["sample_ids"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    cfg = parse_config(PretrainConfig, argv, description=__doc__)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
+    is_main = accelerator.is_main_process
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    config_yaml = to_yaml(cfg)
+    if is_main:
+        print(f"# resolved config\n{config_yaml}", flush=True)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml)
+
+    if cfg.create_demo_data:
+        if cfg.train_dir is None:
+            raise ValueError("`create_demo_data` writes into `train_dir`, which is None")
+        if is_main and not any(Path(cfg.train_dir).glob("*.parquet")):
+            paths = write_demo_dataset(cfg.train_dir)
+            logger.info("wrote the demo dataset (%d parquet shards) to %s", len(paths), cfg.train_dir)
+        accelerator.wait_for_everyone()
+
+    # ---- model, data, optimizer ------------------------------------------------------------------
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    set_seed(cfg.seed)  # identical initial weights on every process
+    model = build_model(cfg)
+    if cfg.gradient_checkpointing:  # transformers >= 5 names it activation checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    model.to(accelerator.device)
+    model_config = model.config
+
+    stream = build_stream(cfg, accelerator, model_config.image_hw)
+    loader = make_dataloader(stream, cfg.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
+    num_examples = cfg.num_train_examples or count_examples(cfg.train_dir or stream.source, cfg.train_split)
+
+    eff_batch = effective_batch_size(
+        cfg.per_device_train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps
+    )
+    if cfg.learning_rate is not None:
+        lr = cfg.learning_rate
+        logger.info("learning rate %.3g set explicitly (blr %.3g not used)", lr, cfg.blr)
+    else:
+        lr = scaled_lr(cfg.blr, eff_batch)
+        logger.info("learning rate %.4g = blr %.3g x effective batch %d / 256", lr, cfg.blr, eff_batch)
+    total_steps, warmup_steps = schedule_lengths(cfg, eff_batch, num_examples)
+    logger.info(
+        "effective batch %d = %d per device x %d processes x %d accumulation; %d optimizer steps (%d warm-up); "
+        "%s training examples",
+        eff_batch, cfg.per_device_train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps,
+        total_steps, warmup_steps, num_examples if num_examples else "unknown number of",
+    )
+
+    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    optimizer = create_optimizer(groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+    scheduler = create_scheduler(optimizer, warmup_steps, total_steps, cfg.min_lr)
+    if cfg.torch_compile:
+        model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    set_seed(cfg.seed, device_specific=True)  # different masks on every process
+    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
+    state = TrainState()
+    guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
+    tracker = StreamTracker(num_workers=cfg.dataloader_num_workers)
+    corrupt_images = 0  # this process's count
+    stream_state = None
+    sample_log = SampleLog(cfg.output_dir, accelerator.process_index, cfg.log_sample_ids)
+    resume_path = manager.resolve(cfg.resume_from_checkpoint)
+    if resume_path is not None:
+        trainer_state, process_state = manager.load(accelerator, resume_path)
+        state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "samples_seen", "last_loss")})
+        guard.load_state_dict(trainer_state.get("nonfinite", {}))
+        corrupt_images = int(process_state.get("corrupt_images", 0))
+        stream_state = process_state.get("stream")
+        logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.step, state.epoch)
+    elif cfg.resume_from_checkpoint:
+        logger.info("no checkpoint in %s yet: starting from scratch", manager.root)
+    sample_log.truncate_after(state.step)
+
+    def save_checkpoint() -> None:
+        trainer_state = {**dataclasses.asdict(state), "nonfinite": guard.state_dict(), "lr": scheduler.get_last_lr()[0]}
+        process_state = {
+            "stream": tracker.state_dict(),
+            "corrupt_images": corrupt_images,
+            "param_checksum": param_checksum(model),  # equal on every process unless replicas diverged
+        }
+        path = manager.save(accelerator, state.step, trainer_state, process_state, config_yaml)
+        logger.info("saved checkpoint %s", path)
+
+    if cfg.with_tracking:
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(cfg).items()}
+        accelerator.init_trackers("mae_pretrain", config={**flat, "lr": lr, "effective_batch": eff_batch})
+
+    # ---- train -----------------------------------------------------------------------------------
+    peak = peak_flops(accelerator.device, cfg.peak_tflops)
+    meter = SpeedMeter(flops_per_image(model_config, cfg.mask_ratio), peak * accelerator.num_processes if peak else None)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="pretrain", dynamic_ncols=True)
+    preview = None
+    window_losses = []
+    crash_at = int(os.environ.get("MAE_CRASH_AT_STEP", "-1"))
+    exit_code = 0
+    try:
+        while state.step < total_steps:
+            stream.set_epoch(state.epoch)
+            resumed_mid_epoch = stream_state is not None and int(stream_state["epoch"]) == state.epoch
+            if resumed_mid_epoch:
+                stream.resume(stream_state)
+                tracker.load_state_dict(stream_state)
+            else:
+                stream.resume(None)
+                tracker.start_epoch(state.epoch)
+            stream_state = None
+            batches = iter(loader)
+            steps_this_epoch, exhausted = 0, False
+            while state.step < total_steps and not exhausted:
+                wait_start = time.perf_counter()
+                micro = next_micro_batches(batches, cfg.gradient_accumulation_steps, tracker, accelerator)
+                data_wait = time.perf_counter() - wait_start
+                if micro is None:
+                    exhausted = True  # end of this epoch's stream (on some process)
+                    continue
+                steps_this_epoch += 1
+                if preview is None:
+                    preview = micro[0]["pixel_values"][: cfg.num_reconstruction_images].clone()
+                corrupt_images += sum(int(b["num_skipped"]) for b in micro)
+                loss, applied = train_step(model, micro, optimizer, scheduler, accelerator, cfg, guard, state.step + 1)
+                state.step += 1
+                images = sum(len(b["pixel_values"]) for b in micro)
+                state.samples_seen += images * accelerator.num_processes
+                sample_log.write(state.step, micro)
+                meter.add(images * accelerator.num_processes, data_wait)
+                window_losses.append(loss)
+                progress.update(1)
+
+                if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                    mean_loss = accelerator.reduce(torch.stack(window_losses).mean(), "mean").item()
+                    state.last_loss = mean_loss
+                    window_losses = []
+                    speed = meter.read()
+                    meter.reset()
+                    corrupt_total = int(accelerator.reduce(torch.tensor(corrupt_images, device=accelerator.device), "sum"))
+                    metrics = {
+                        "train/loss": mean_loss,
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/images_per_s": speed["images_per_s"],
+                        "train/data_wait_fraction": speed["data_wait_fraction"],
+                        "train/epoch": state.epoch,
+                        "train/skipped_nonfinite_steps": guard.skipped,
+                        "data/corrupt_images_skipped": corrupt_total,
+                    }
+                    if "mfu" in speed:
+                        metrics["train/mfu"] = speed["mfu"]
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed['images_per_s']:.0f}", epoch=state.epoch)
+                    if cfg.with_tracking:
+                        accelerator.log(metrics, step=state.step)
+                    if is_main and not progress.disable and not sys.stderr.isatty():
+                        logger.info("step %d: %s", state.step, json.dumps({k: round(v, 6) for k, v in metrics.items()}))
+
+                if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0:
+                    if guard.consecutive:  # inside a NaN/inf streak: keep the last good checkpoint
+                        logger.warning("step %d: not checkpointing during a streak of non-finite steps", state.step)
+                    else:
+                        save_checkpoint()
+                if is_main and cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0:
+                    png = Path(cfg.output_dir) / "reconstructions" / f"step_{state.step}.png"
+                    write_reconstruction(model, preview, png, cfg.seed)
+                if state.step == crash_at:
+                    os.kill(os.getpid(), signal.SIGKILL)  # test hook (see the module docstring)
+            if exhausted:
+                if steps_this_epoch == 0 and not resumed_mid_epoch:
+                    raise ValueError(
+                        "the data stream yields no full batch on some process: check `train_dir` / `dataset_name`, "
+                        "`per_device_train_batch_size` and the number of shards per process"
+                    )
+                state.epoch += 1
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        progress.close()
+        accelerator.end_training()
+        return 2
+    progress.close()
+
+    # ---- final checkpoint, export, model card, Hub -----------------------------------------------
+    if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps != 0:
+        save_checkpoint()
+    corrupt_total = int(accelerator.reduce(torch.tensor(corrupt_images, device=accelerator.device), "sum"))
+    full_state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards (collective: every process)
+    accelerator.wait_for_everyone()
+    if is_main:
+        output_dir = Path(cfg.output_dir)
+        unwrapped = accelerator.unwrap_model(model)
+        export_model(unwrapped, output_dir, state_dict=full_state_dict)
+        recon = None
+        if preview is not None:
+            recon = write_reconstruction(unwrapped, preview, output_dir / "reconstruction.png", cfg.seed)
+        write_model_card(
+            output_dir,
+            card_data={
+                "license": "apache-2.0",
+                "library_name": "transformers",
+                "pipeline_tag": "image-feature-extraction",
+                "tags": ["mae", "masked-autoencoder", "vision", "self-supervised", "modeling_mae"],
+                "datasets": [cfg.dataset_name] if not cfg.train_dir and cfg.dataset_name else None,
+                "model_name": cfg.hub_model_id or output_dir.name,
+            },
+            model_name=cfg.hub_model_id or output_dir.name,
+            repo_id=cfg.hub_model_id or str(output_dir),
+            dataset_name=cfg.dataset_name if not cfg.train_dir else f"local data ({cfg.train_dir})",
+            reconstruction_png=recon.name if recon else None,
+            mask_ratio=cfg.mask_ratio,
+            architecture=f"{cfg.model_preset if not cfg.model_name_or_path else cfg.model_name_or_path}: "
+            f"{model_config.hidden_size}-d x {model_config.num_hidden_layers} encoder, "
+            f"{model_config.decoder_hidden_size}-d x {model_config.decoder_num_hidden_layers} decoder, "
+            f"{model_config.image_hw[0]}px, patch {model_config.patch_size}",
+            steps=state.step,
+            samples_seen=state.samples_seen,
+            epochs=f"{state.samples_seen / num_examples:.2f}" if num_examples else "unknown",
+            final_loss=f"{state.last_loss:.4f}",
+            effective_batch=eff_batch,
+            per_device_batch=cfg.per_device_train_batch_size,
+            num_processes=accelerator.num_processes,
+            accumulation=cfg.gradient_accumulation_steps,
+            lr=f"{lr:.4g} (blr {cfg.blr:g} x {eff_batch} / 256)" if cfg.learning_rate is None else f"{lr:.4g} (set explicitly)",
+            skipped_steps=guard.skipped,
+            corrupt_images=corrupt_total,
+            config_yaml=config_yaml,
+        )
+        logger.info("exported the model, image processor and model card to %s", output_dir)
+        if cfg.push_to_hub:
+            try:
+                url = push_to_hub(
+                    output_dir, cfg.hub_model_id, cfg.hub_include_checkpoints, cfg.hub_private_repo, cfg.hub_token
+                )
+                logger.info("pushed to %s", url)
+            except HubPushError as err:
+                logger.error("%s", err)
+                exit_code = 1
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
