@@ -103,12 +103,30 @@ def test_evaluation_loop_single_process(tmp_path):
 
 
 def test_evaluation_loop_two_processes_counts_every_example_once(tmp_path):
-    from accelerate import debug_launcher
+    # Two real processes (torchrun + gloo), started fresh: a fork of this pytest process could inherit
+    # a busy OpenMP pool from earlier tests and hang.
+    import os
+    import socket
+    import subprocess
+    import sys
 
-    debug_launcher(_run_eval, args=(str(tmp_path),), num_processes=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(port), __file__, str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     expected = _expected_eval(*_fixed_eval_data())
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # 13 examples on 2 processes x batch 2 means 16 slots: the 3 padded duplicates are not counted
     for result in results:
         assert result == pytest.approx(expected)
     assert not math.isclose(expected["top1"], 0.0)
+
+
+if __name__ == "__main__":  # one process of the 2-process test above
+    import sys
+
+    _run_eval(sys.argv[1])
