@@ -88,6 +88,8 @@ def test_gated_or_offline_hub_dataset_gives_one_clear_message(monkeypatch):
 
 def _image_bytes(mode: str) -> bytes:
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    if mode == "RGB":
+        return encode_image(rgb)  # JPEG: TrainTransform.from_bytes decodes it with torchvision
     if mode == "L":
         return encode_image(rgb.convert("L"))
     if mode == "CMYK":
@@ -121,14 +123,20 @@ def test_truncated_and_garbage_images_raise_corrupt_image_error():
 def test_corrupt_image_in_a_shard_is_skipped_and_counted(tmp_path, writer):
     good = smooth_images(8)
     truncated = _image_bytes("L")[:200]
-    examples = good[:3] + [(truncated, 100), (b"garbage", 101), (_image_bytes("L"), 102), (_image_bytes("CMYK"), 103)] + good[3:]
+    truncated_rgb = _image_bytes("RGB")[:-40]  # cut inside the scan: the torchvision decoding path
+    examples = (
+        good[:3]
+        + [(truncated, 100), (b"garbage", 101), (_image_bytes("L"), 102), (_image_bytes("CMYK"), 103)]
+        + [(truncated_rgb, 104)]
+        + good[3:]
+    )
     writer(examples, tmp_path, num_shards=1)
     stream = ImageStream(load_source(train_dir=str(tmp_path)), TrainTransform(32), batch_size=2)
     batches = list(make_dataloader(stream, num_workers=1))
     labels = [lab for b in batches for lab in b["labels"].tolist()]
-    assert sum(b["num_skipped"] for b in batches) == 2  # the truncated and the garbage image
+    assert sum(b["num_skipped"] for b in batches) == 3  # the two truncated and the garbage image
     assert 102 in labels and 103 in labels  # grayscale and CMYK pass
-    assert 100 not in labels and 101 not in labels
+    assert 100 not in labels and 101 not in labels and 104 not in labels
     assert len(labels) == 10
 
 

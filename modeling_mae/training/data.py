@@ -262,6 +262,13 @@ def decode_image(value: Any) -> Image.Image:
         raise CorruptImageError(f"{type(err).__name__}: {err}") from err
 
 
+def _encoded_bytes(value: Any) -> bytes | None:
+    """The encoded file bytes of an image cell, or None when it holds a path or a decoded image."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else None
+
+
 def sample_id(example: dict, image_column: str) -> str:
     """A stable id for logs and tests: the webdataset `__key__`, else a hash of the image bytes or path."""
     if example.get("__key__") is not None:
@@ -383,12 +390,22 @@ class ImageStream(torch.utils.data.IterableDataset):
             state_before = self.source.state_dict()
             window += 1
 
-    def _transform(self, image: Image.Image, seed: int) -> torch.Tensor:
-        # Seed the augmentation from the example's position so a resumed run crops identically;
-        # fork_rng keeps the caller's (main process, num_workers=0) global RNG untouched.
+    def _load(self, cell: Any, seed: int) -> torch.Tensor:
+        """Decode + augment one image cell -> uint8 (3, H, W); CorruptImageError if undecodable.
+
+        Encoded bytes go straight to `transform.from_bytes` when the transform has it (crop chosen from
+        the header, then JPEG draft / tensor decoding: the fast path of `TrainTransform`); anything else
+        is decoded to an RGB PIL image first. The augmentation is seeded from the example's position so
+        a resumed run crops identically; fork_rng keeps the caller's global RNG untouched."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(image)
+            data = _encoded_bytes(cell)
+            if data is not None and hasattr(self.transform, "from_bytes"):
+                try:
+                    return self.transform.from_bytes(data)
+                except Exception as err:  # truncated or garbage bytes: PIL OSError, torchvision RuntimeError
+                    raise CorruptImageError(f"{type(err).__name__}: {err}") from err
+            return self.transform(decode_image(cell))
 
     def __iter__(self):
         worker, num_workers = self._worker()
@@ -417,14 +434,13 @@ class ImageStream(torch.utils.data.IterableDataset):
             for offset in range(first, len(examples)):
                 example = examples[order[offset]]
                 position = {"source": state_before, "window": window, "offset": offset + 1}
+                seed = _seed_of(self.seed, self.epoch, self.rank, worker, window, offset)
                 try:
-                    image = decode_image(example[self.image_column])
+                    pixels = self._load(example[self.image_column], seed)
                 except CorruptImageError as err:
                     skipped += 1
                     logger.warning("skipping undecodable image %s: %s", sample_id(example, self.image_column), err)
                     continue
-                seed = _seed_of(self.seed, self.epoch, self.rank, worker, window, offset)
-                pixels = self._transform(image, seed)
                 item = (pixels, _label(example, self.label_column), sample_id(example, self.image_column))
                 if self.batch_size is None:
                     yield self._pack([item], skipped, worker, position, single=True)
