@@ -549,15 +549,13 @@ class MAEForPreTraining(MAEPreTrainedModel):
         return x.reshape(n, c, h * p, w * p)
 
     def forward_encoder(self, pixel_values, noise, mask_ratio, interpolate_pos_encoding, **kwargs):
-        """Encode the visible patches: (N, C, H, W) -> MAEModelOutput with (N, 1 + L_keep, D), mask, ids_restore."""
-        if noise is None:
-            ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-            grid = self.mae.embeddings.patch_embeddings.check_input(pixel_values, interpolate_pos_encoding)
-            noise = make_noise(self.config.mask_strategy, pixel_values.shape[0], grid, ratio, pixel_values.device)
+        """Encode the visible patches: (N, C, H, W) -> MAEModelOutput with (N, 1 + L_keep, D), mask, ids_restore.
+
+        Pretraining always masks: without `noise`, the encoder draws it with `config.mask_strategy`."""
         return self.mae(
             pixel_values,
             noise=noise,
-            mask_ratio=mask_ratio,
+            mask_ratio=self.config.mask_ratio if mask_ratio is None else mask_ratio,
             interpolate_pos_encoding=interpolate_pos_encoding,
             return_dict=True,
             **kwargs,

@@ -54,12 +54,7 @@ DEC_DIM, DEC_DEPTH, DEC_HEADS, DEC_MLP = 16, 1, 4, 32
 NUM_LABELS = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:

@@ -46,13 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 MEAN_IOU = str(REPO / "metrics" / "mean_iou")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine is shared: tiny models run fastest, and most predictably, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> MAEConfig:
