@@ -28,9 +28,7 @@ from torchvision.transforms import RandomResizedCrop as _TorchvisionRandomResize
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+from ..modeling_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: F401 (re-exported)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
