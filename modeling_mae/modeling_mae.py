@@ -6,7 +6,7 @@ The method, one named step each:
     embed           (N, C, H, W)      -> (N, L, D)         Conv2d patch projection + fixed sin-cos positions
     random_masking  (N, L, D)         -> (N, L_keep, D)    masked patches are REMOVED, not zeroed
     forward_encoder (N, 1+L_keep, D)  -> (N, 1+L_keep, D)  ViT blocks on the visible patches (+ CLS) only
-    forward_decoder (N, 1+L_keep, D)  -> (N, L, p*p*C)     + shared mask token at removed positions, unshuffled
+    forward_decoder (N, 1+L_keep, D)  -> (N, L, p*p*C)     + shared mask token at removed positions
     forward_loss    pred, target, mask -> scalar           MSE on removed patches only
 
 This file only imports torch and transformers (and its siblings in this package), so that
@@ -78,6 +78,8 @@ class MAEForPreTrainingOutput(ModelOutput):
             when `norm_pix_loss`; see `MAEForPreTraining.unnormalize_predictions`).
         mask (`(N, L)`): 1 = removed. ids_restore (`(N, L)`).
         hidden_states / attentions: of the encoder.
+        ids_masked (`(N, L_masked)`): with `predict_masked_only=True`, the patch index of each row of
+            `logits` (which is then `(N, L_masked, p*p*C)`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -86,6 +88,7 @@ class MAEForPreTrainingOutput(ModelOutput):
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    ids_masked: torch.LongTensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,11 +170,13 @@ class MAEAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.config = config
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        """x: (N, T, D) -> (N, T, D), and (N, heads, T, T) weights when `output_attentions`."""
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, first_query: int = 0):
+        """x: (N, T, D) -> (N, T - first_query, D), and (N, heads, T - first_query, T) weights when
+        `output_attentions`. Every token is a key; only tokens from `first_query` on are queries."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
+        q = q[:, :, first_query:]
         dropout = self.attn_drop if self.training else 0.0
         weights = None
         if output_attentions or getattr(self.config, "_attn_implementation", "sdpa") == "eager":
@@ -179,7 +184,7 @@ class MAEAttention(nn.Module):
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, tokens, dim)
+        out = out.transpose(1, 2).reshape(batch, tokens - first_query, dim)
         return self.proj_drop(self.proj(out)), (weights if output_attentions else None)
 
 
@@ -208,9 +213,10 @@ class MAELayer(GradientCheckpointingLayer):
         self.mlp = MAEMLP(dim, mlp_dim, config.hidden_act, config.hidden_dropout_prob)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
-        attn_out, weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = hidden_states + drop_path(attn_out, self.drop_path_rate, self.training)
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, first_query: int = 0):
+        """(N, T, D) -> (N, T - first_query, D): tokens before `first_query` are attended to but not updated."""
+        attn_out, weights = self.attention(self.layernorm_before(hidden_states), output_attentions, first_query)
+        hidden_states = hidden_states[:, first_query:] + drop_path(attn_out, self.drop_path_rate, self.training)
         mlp_out = self.mlp(self.layernorm_after(hidden_states))
         hidden_states = hidden_states + drop_path(mlp_out, self.drop_path_rate, self.training)
         return hidden_states, weights
@@ -254,27 +260,57 @@ class MAEDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.decoder_pred = nn.Linear(dim, config.patch_size**2 * config.num_channels)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self,
+        latent: torch.Tensor,
+        ids_restore: torch.Tensor,
+        grid_size: tuple[int, int],
+        predict_masked_only: bool = False,
+    ) -> torch.Tensor:
         """
         Args:
             latent: (N, 1 + L_keep, D) encoder output, CLS first, visible patches in shuffled order.
             ids_restore: (N, L) inverse of the masking shuffle.
+            predict_masked_only: predict only the removed patches (all the loss uses).
         Returns:
-            (N, L, p*p*C) pixel predictions for every patch, in the original patch order.
+            (N, L, p*p*C) pixel predictions for every patch, in the original patch order; with
+            `predict_masked_only`, (N, L - L_keep, p*p*C) for the removed patches in shuffled order,
+            i.e. for patches `ids_restore.argsort(dim=1)[:, L_keep:]`.
         """
+        x = self.append_mask_tokens(latent, ids_restore, grid_size)  # (N, 1 + L, Dd), shuffled order
+        num_visible = latent.shape[1]  # 1 + L_keep
+        pred = self.predict(x, first_query=num_visible if predict_masked_only else 1)
+        if predict_masked_only:
+            return pred
+        return torch.gather(pred, 1, ids_restore.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))  # unshuffle
+
+    def append_mask_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size) -> torch.Tensor:
+        """(N, 1 + L_keep, D) -> (N, 1 + L, Dd): project to the decoder width, append one shared mask token
+        per removed patch and add every token's position.
+
+        The tokens stay in the masking's shuffled order (CLS, visible, removed) and the position table is
+        gathered into that order instead: attention does not depend on token order, so this is the
+        official unshuffle-then-add-positions up to float rounding, and the removed patches form one
+        contiguous block at the end."""
         x = self.decoder_embed(latent)  # (N, 1 + L_keep, Dd)
         batch, _, dim = x.shape
         num_masked = ids_restore.shape[1] + 1 - x.shape[1]
-        # append one shared mask token per removed patch, then unshuffle to the original order
         mask_tokens = self.mask_token.to(x.dtype).expand(batch, num_masked, dim)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (N, L, Dd), shuffled order
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))
-        x = torch.cat([x[:, :1], patches], dim=1)  # (N, 1 + L, Dd)
-        x = x + interpolate_pos_embed(self.decoder_pos_embed, self.config.grid_size, grid_size).to(x.dtype)
-        for block in self.decoder_layers:
+        pos = interpolate_pos_embed(self.decoder_pos_embed, self.config.grid_size, grid_size).to(x.dtype)
+        ids_shuffle = torch.argsort(ids_restore, dim=1)  # (N, L): original index of each shuffled token
+        patch_pos = torch.gather(pos[:, 1:].expand(batch, -1, -1), 1, ids_shuffle.unsqueeze(-1).expand(-1, -1, dim))
+        pos = torch.cat([pos[:, :1].expand(batch, -1, -1), patch_pos], dim=1)  # (N, 1 + L, Dd)
+        return torch.cat([x, mask_tokens], dim=1) + pos
+
+    def predict(self, x: torch.Tensor, first_query: int = 1) -> torch.Tensor:
+        """(N, T, Dd) -> (N, T - first_query, p*p*C): the decoder blocks, norm and pixel prediction. Every
+        token is attended to in every block; the last block, the norm and the prediction run only on
+        the tokens from `first_query` on (1 = every patch, not the CLS token)."""
+        *blocks, last = self.decoder_layers
+        for block in blocks:
             x, _ = block(x)
-        x = self.decoder_norm(x)
-        return self.decoder_pred(x[:, 1:])  # drop CLS: (N, L, p*p*C)
+        x, _ = last(x, first_query=first_query)
+        return self.decoder_pred(self.decoder_norm(x))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,9 +597,10 @@ class MAEForPreTraining(MAEPreTrainedModel):
             **kwargs,
         )
 
-    def forward_decoder(self, latent, ids_restore, grid_size):
-        """(N, 1 + L_keep, D) + ids_restore -> (N, L, p*p*C) predictions."""
-        return self.decoder(latent, ids_restore, grid_size)
+    def forward_decoder(self, latent, ids_restore, grid_size, predict_masked_only: bool = False):
+        """(N, 1 + L_keep, D) + ids_restore -> (N, L, p*p*C) predictions in patch order, or
+        (N, L - L_keep, p*p*C) for the removed patches only, in shuffled order (see `MAEDecoder.forward`)."""
+        return self.decoder(latent, ids_restore, grid_size, predict_masked_only=predict_masked_only)
 
     def normalize_target(self, target: torch.Tensor) -> torch.Tensor:
         """Per-patch normalisation of (N, L, p*p*C) targets: (x - mean) / sqrt(var + 1e-6)."""
@@ -571,17 +608,23 @@ class MAEForPreTraining(MAEPreTrainedModel):
         var = target.var(dim=-1, keepdim=True)
         return (target - mean) / (var + 1.0e-6) ** 0.5
 
-    def forward_loss(self, pixel_values, pred, mask) -> torch.Tensor:
+    def forward_loss(self, pixel_values, pred, mask, ids_masked: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             pixel_values: (N, C, H, W); pred: (N, L, p*p*C); mask: (N, L), 1 = removed.
+            ids_masked: (N, L_masked), optional: `pred` is then (N, L_masked, p*p*C), the predictions
+                for exactly these patches (as `forward_decoder(..., predict_masked_only=True)` gives).
         Returns:
             Mean over removed patches of the per-patch MSE, computed in fp32.
         """
         target = self.patchify(pixel_values.float())
+        if ids_masked is not None:
+            target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         if self.config.norm_pix_loss:
             target = self.normalize_target(target)
-        loss = (pred.float() - target).pow(2).mean(dim=-1)  # (N, L) per-patch MSE
+        loss = (pred.float() - target).pow(2).mean(dim=-1)  # (N, L) or (N, L_masked) per-patch MSE
+        if ids_masked is not None:
+            return loss.mean()
         mask = mask.float()
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
@@ -604,6 +647,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
         output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
+        predict_masked_only: bool = False,
         **kwargs,
     ) -> MAEForPreTrainingOutput | tuple:
         r"""
@@ -611,6 +655,10 @@ class MAEForPreTraining(MAEPreTrainedModel):
             pixel_values (`(N, C, H, W)`): normalised images.
             noise (`(N, L)`, *optional*): masking scores for a reproducible mask.
             mask_ratio (`float`, *optional*): overrides `config.mask_ratio` for this call.
+            predict_masked_only (`bool`): skip the decoder work the loss throws away: the last decoder
+                block, the norm and the pixel prediction run on the removed patches only. The loss is the
+                same; `logits` is then `(N, L_masked, p*p*C)` for the patches in `ids_masked`.
+                The pretraining script uses it; leave it off to get a prediction for every patch.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         enc = self.forward_encoder(
@@ -622,10 +670,13 @@ class MAEForPreTraining(MAEPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
-        pred = self.forward_decoder(enc.last_hidden_state, enc.ids_restore, grid)
-        loss = self.forward_loss(pixel_values, pred, enc.mask)
+        pred = self.forward_decoder(enc.last_hidden_state, enc.ids_restore, grid, predict_masked_only)
+        ids_masked = None
+        if predict_masked_only:  # the decoder's shuffled order: visible first, then removed
+            ids_masked = torch.argsort(enc.ids_restore, dim=1)[:, enc.last_hidden_state.shape[1] - 1 :]
+        loss = self.forward_loss(pixel_values, pred, enc.mask, ids_masked)
         if not return_dict:
-            extra = tuple(v for v in (enc.hidden_states, enc.attentions) if v is not None)
+            extra = tuple(v for v in (enc.hidden_states, enc.attentions, ids_masked) if v is not None)
             return (loss, pred, enc.mask, enc.ids_restore) + extra
         return MAEForPreTrainingOutput(
             loss=loss,
@@ -634,6 +685,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
             ids_restore=enc.ids_restore,
             hidden_states=enc.hidden_states,
             attentions=enc.attentions,
+            ids_masked=ids_masked,
         )
 
 

@@ -249,7 +249,8 @@ def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, gua
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
-            loss = model(pixel_values=pixel_values).loss  # fp32 (forward_loss upcasts)
+            # the loss needs predictions for the removed patches only: skip the decoder work for the rest
+            loss = model(pixel_values=pixel_values, predict_masked_only=True).loss  # fp32 (forward_loss upcasts)
             accelerator.backward(loss / len(micro_batches))
         losses.append(loss.detach().float())
     loss = torch.stack(losses).mean()

@@ -299,6 +299,39 @@ def test_encoder_sees_only_visible_patches():
     torch.testing.assert_close(model(y, noise=noise).last_hidden_state, out.last_hidden_state)
 
 
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_predict_masked_only_matches_the_full_prediction(norm_pix_loss):
+    """The pretraining fast path (last decoder block, norm and prediction on the removed patches only)
+    gives the full path's loss, gradients and removed-patch predictions."""
+    config = tiny_config(norm_pix_loss=norm_pix_loss, decoder_num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = MAEForPreTraining(config).train()
+    x, noise = images(), torch.rand(2, 64)
+    full = model(x, noise=noise)
+    full.loss.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    fast = model(x, noise=noise, predict_masked_only=True)
+    fast.loss.backward()
+
+    assert full.ids_masked is None
+    assert fast.logits.shape == (2, 48, config.patch_size**2 * 3) and fast.ids_masked.shape == (2, 48)
+    # ids_masked lists exactly the removed patches
+    assert torch.equal(torch.sort(fast.ids_masked, 1).values, torch.sort((full.mask == 1).nonzero()[:, 1].view(2, 48), 1).values)
+    expected = torch.gather(full.logits, 1, fast.ids_masked.unsqueeze(-1).expand(-1, -1, full.logits.shape[-1]))
+    torch.testing.assert_close(fast.logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.loss, full.loss, atol=1e-6, rtol=1e-5)
+    assert torch.equal(fast.mask, full.mask) and torch.equal(fast.ids_restore, full.ids_restore)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4, msg=name)
+    # the loss helper, given the order, agrees with the mask form
+    torch.testing.assert_close(
+        model.forward_loss(x, fast.logits, fast.mask, fast.ids_masked), model.forward_loss(x, full.logits, full.mask)
+    )
+    as_tuple = model(x, noise=noise, predict_masked_only=True, return_dict=False)
+    assert torch.equal(as_tuple[-1], fast.ids_masked)
+
+
 def test_loss_only_on_removed_patches():
     """Perturbing the prediction of a visible patch does not change the loss; a removed one does."""
     model = MAEForPreTraining(tiny_config(norm_pix_loss=False)).eval()
