@@ -246,7 +246,7 @@ def sizes(quick: bool, device: torch.device) -> dict:
     large = dict(image_size=224, patch_size=16, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                  intermediate_size=4096)
     return dict(
-        train=dict(config=base, batch=64 if gpu else 8, reps=20 if gpu else 5, warmup=3 if gpu else 1,
+        train=dict(config=base, batch=64 if gpu else 8, reps=20 if gpu else 9, warmup=3 if gpu else 1,
                    gemm=8192 if gpu else 2048),
         masking=dict(config=large, decoders=(8, 1), batch=64 if gpu else 8, reps=10 if gpu else 4,
                      warmup=3 if gpu else 1),
