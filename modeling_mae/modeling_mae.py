@@ -624,7 +624,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
             target = self.normalize_target(target)
         loss = (pred.float() - target).pow(2).mean(dim=-1)  # (N, L) or (N, L_masked) per-patch MSE
         if ids_masked is not None:
-            return loss.mean()
+            return loss.sum() / max(loss.numel(), 1)  # 0 when nothing is masked, as below
         mask = mask.float()
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 

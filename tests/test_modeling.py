@@ -330,6 +330,9 @@ def test_predict_masked_only_matches_the_full_prediction(norm_pix_loss):
     )
     as_tuple = model(x, noise=noise, predict_masked_only=True, return_dict=False)
     assert torch.equal(as_tuple[-1], fast.ids_masked)
+    # nothing masked: nothing to predict, a zero loss as on the full path
+    none_masked = model(x, mask_ratio=0.0, predict_masked_only=True)
+    assert none_masked.logits.shape == (2, 0, config.patch_size**2 * 3) and none_masked.loss.item() == 0.0
 
 
 def test_loss_only_on_removed_patches():
