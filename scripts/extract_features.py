@@ -40,8 +40,9 @@ from tqdm.auto import tqdm
 
 from modeling_mae import MAEModel
 from modeling_mae.configuration_mae import POOLING_MODES
+from modeling_mae.training.classification_data import MapImageDataset, load_map_dataset
 from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.finetune_utils import MapImageDataset, load_map_dataset, load_pretrained
+from modeling_mae.training.model_loading import load_pretrained
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
 
 

@@ -26,27 +26,33 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from modeling_mae.training.checkpoint import CheckpointManager
-from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.export import export_model
-from modeling_mae.training.finetune_utils import (
+from modeling_mae.training.augmentation import (
     FinetuneTrainTransform,
-    build_classification_loaders,
     build_criterion,
     build_mixup,
     build_random_erasing,
-    evaluate_classifier,
-    finish_classifier_run,
-    label_maps,
-    layer_decay_param_groups,
-    load_classifier,
-    load_classification_splits,
-    load_metric,
-    make_synthetic_classification,
     prepare_mixup_batch,
+)
+from modeling_mae.training.checkpoint import CheckpointManager
+from modeling_mae.training.classification_data import (
+    build_classification_loaders,
+    label_maps,
+    load_classification_splits,
+    make_synthetic_classification,
     set_train_epoch,
 )
-from modeling_mae.training.optim import create_optimizer, create_scheduler, effective_batch_size, scaled_lr
+from modeling_mae.training.classifier_export import finish_classifier_run
+from modeling_mae.training.config import parse_config, to_yaml
+from modeling_mae.training.evaluation import evaluate_classifier, load_metric
+from modeling_mae.training.export import export_model
+from modeling_mae.training.model_loading import load_classifier
+from modeling_mae.training.optim import (
+    create_optimizer,
+    create_scheduler,
+    effective_batch_size,
+    layer_decay_param_groups,
+    scaled_lr,
+)
 from modeling_mae.training.runtime import make_accelerator
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
 

@@ -32,25 +32,22 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from modeling_mae.training.augmentation import LinprobeTrainTransform
 from modeling_mae.training.checkpoint import CheckpointManager
-from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.export import export_model
-from modeling_mae.training.finetune_utils import (
-    FeatureCache,
-    LinprobeTrainTransform,
-    ProbeHead,
+from modeling_mae.training.classification_data import (
     build_classification_loaders,
-    build_lars,
-    evaluate_classifier,
-    finish_classifier_run,
     label_maps,
     load_classification_splits,
-    load_classifier,
-    load_metric,
     make_synthetic_classification,
     set_train_epoch,
 )
-from modeling_mae.training.optim import create_scheduler, effective_batch_size, scaled_lr
+from modeling_mae.training.classifier_export import finish_classifier_run
+from modeling_mae.training.config import parse_config, to_yaml
+from modeling_mae.training.evaluation import evaluate_classifier, load_metric
+from modeling_mae.training.export import export_model
+from modeling_mae.training.linear_probe import FeatureCache, ProbeHead
+from modeling_mae.training.model_loading import load_classifier
+from modeling_mae.training.optim import build_lars, create_scheduler, effective_batch_size, scaled_lr
 from modeling_mae.training.runtime import make_accelerator
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
 

@@ -43,8 +43,8 @@ from modeling_mae import MAEBackbone, MAEConfig, MAEModel, MAEUperNetConfig, MAE
 from modeling_mae.training.checkpoint import CheckpointManager
 from modeling_mae.training.config import parse_config, to_dict, to_yaml
 from modeling_mae.training.export import HubPushError, push_to_hub
-from modeling_mae.training.finetune_utils import is_official_checkpoint, layer_decay_param_groups, load_pretrained
-from modeling_mae.training.optim import create_optimizer
+from modeling_mae.training.model_loading import is_official_checkpoint, load_pretrained
+from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups
 from modeling_mae.training.runtime import make_accelerator
 from modeling_mae.training.segmentation_data import (
     IGNORE_INDEX,

@@ -26,8 +26,9 @@ from PIL import Image
 
 from modeling_mae import MAEForPreTraining
 from modeling_mae.configuration_mae import MASK_STRATEGIES
+from modeling_mae.training.classification_data import load_map_dataset
 from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.finetune_utils import load_map_dataset, load_pretrained
+from modeling_mae.training.model_loading import load_pretrained
 from modeling_mae.training.transforms import EvalTransform
 from modeling_mae.training.visualization import save_reconstruction_png
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from modeling_mae import MAEConfig, MAEForPreTraining, MAEModel
-from modeling_mae.training.finetune_utils import make_synthetic_classification
+from modeling_mae.training.classification_data import make_synthetic_classification
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
 
 

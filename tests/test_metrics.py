@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_mae.training.finetune_utils import METRICS_DIR, evaluate_classifier, load_metric
+from modeling_mae.training.evaluation import METRICS_DIR, evaluate_classifier, load_metric
 
 
 # 6 examples, 6 classes. True class of each row and its rank (0 = highest score) by hand:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -591,10 +592,11 @@ def test_remote_code_load_without_package(saved_pretraining_dir, tmp_path):
     x = images()
     torch.save({"x": x, "noise": noise}, tmp_path / "inputs.pt")
     expected = model.eval().mae(x, noise=noise).last_hidden_state
+    repo = str(Path(__file__).resolve().parents[1])  # the checkout (a virtual environment inside it stays)
     script = textwrap.dedent(
         f"""
         import sys
-        sys.path = [p for p in sys.path if 'work/main' not in p and p not in ('', '.')]
+        sys.path = [p for p in sys.path if p.rstrip('/') != {repo!r} and p not in ('', '.')]
         try:
             import modeling_mae
             raise SystemExit('modeling_mae must not be importable here')

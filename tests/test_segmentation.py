@@ -31,7 +31,7 @@ from modeling_mae import (
     MAEUperNetConfig,
     MAEUperNetForSemanticSegmentation,
 )
-from modeling_mae.training.finetune_utils import layer_decay_param_groups
+from modeling_mae.training.optim import layer_decay_param_groups
 from modeling_mae.training.segmentation_data import (
     SegmentationDataset,
     SegTrainTransform,

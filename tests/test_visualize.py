@@ -111,7 +111,7 @@ def test_official_checkpoint_and_dataset_sources(tmp_path):
     images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
     features = datasets.Features({"image": datasets.Image()})
     datasets.Dataset.from_dict({"image": images}, features=features).save_to_disk(str(tmp_path / "data"))
-    from modeling_mae.training.finetune_utils import load_pretrained
+    from modeling_mae.training.model_loading import load_pretrained
 
     loaded = load_pretrained(MAEForPreTraining, str(checkpoint), num_attention_heads=4, decoder_num_attention_heads=4)
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):

@@ -8,7 +8,8 @@
 - `create_scheduler`: linear warm-up then half-cycle cosine, stepped once per optimizer step
   (transformers' `get_cosine_schedule_with_warmup`, or its `min_lr` variant).
 
-Other scripts add layer-wise lr decay by passing their own groups to `create_optimizer`.
+Downstream: `layer_decay_param_groups` (fine-tuning: timm's `param_groups_layer_decay` through the model's
+`group_matcher()` / `no_weight_decay()`), passed to `create_optimizer`; `build_lars` (the linear probe's LARS).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import inspect
 import math
 
 import torch
+from timm.optim import Lars, param_groups_layer_decay
 from torch import nn
 
 
@@ -91,3 +93,34 @@ def create_scheduler(optimizer, warmup_steps: int, total_steps: int, min_lr: flo
 
 def steps_for_epochs(epochs: float, steps_per_epoch: int) -> int:
     return int(math.ceil(epochs * steps_per_epoch))
+
+
+def layer_decay_param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW parameter groups with layer-wise lr decay, from timm's `param_groups_layer_decay`.
+
+    Layer i (0 = embeddings, b + 1 = encoder block b, L + 1 = fc_norm / head) gets
+    `lr * layer_decay ** (L + 1 - i)`, the official scale; no weight decay on biases, norms, the CLS
+    token and the position table (`model.no_weight_decay()`). Each group keeps its `lr_scale`.
+    """
+    groups = param_groups_layer_decay(
+        model, weight_decay=weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=layer_decay
+    )
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return groups
+
+
+def build_lars(params: list[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> Lars:
+    """timm `Lars` configured as the official MAE linear-probe LARS.
+
+    Weight matrices: update scaled by the trust ratio ||w|| / (||g|| + wd * ||w||) (trust coefficient
+    1, adapted even without weight decay; with the recipe's wd = 0 this is the official ||w|| / ||g||).
+    Biases and other 1-d tensors: plain SGD with momentum and no weight decay.
+    """
+    matrices = [p for p in params if p.requires_grad and p.ndim > 1]
+    vectors = [p for p in params if p.requires_grad and p.ndim <= 1]
+    groups = [
+        dict(params=matrices, weight_decay=weight_decay, always_adapt=True),
+        dict(params=vectors, weight_decay=0.0, always_adapt=False),
+    ]
+    return Lars([g for g in groups if g["params"]], lr=lr, momentum=momentum, trust_coeff=1.0, eps=0.0)
