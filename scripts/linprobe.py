@@ -291,7 +291,8 @@ def main(argv=None) -> int:
         save_checkpoint()
     progress.close()
     if state["history"]:
-        logger.info("per-class top-1 (last epoch): %s", format_per_class(names, state["per_class"][str(state["epoch"])]))
+        last_per_class = state["per_class"][str(state["epoch"])]
+        logger.info("per-class top-1 (last epoch): %s", format_per_class(names, last_per_class))
 
     # ---- export the classifier (frozen encoder + trained head), card, Hub ----------------------------
     bad_train.merge(accelerator)

@@ -502,9 +502,10 @@ def main(argv=None) -> dict:
                 state["unreadable_train_reads"] = state.get("unreadable_train_reads", 0) + int(
                     accelerator.reduce(skipped_local, reduction="sum"))
                 skipped_local.zero_()
-                if state["unreadable_train_reads"] > cfg.max_corrupt_fraction * step * effective_batch:
-                    raise ValueError(f"{state['unreadable_train_reads']} of the {step * effective_batch} training images "
-                                     f"read could not be decoded, more than max_corrupt_fraction={cfg.max_corrupt_fraction}")
+                read = step * effective_batch
+                if state["unreadable_train_reads"] > cfg.max_corrupt_fraction * read:
+                    raise ValueError(f"{state['unreadable_train_reads']} of the {read} training images read could not "
+                                     f"be decoded, more than max_corrupt_fraction={cfg.max_corrupt_fraction}")
                 running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
             if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_train_steps:
                 run_evaluation()

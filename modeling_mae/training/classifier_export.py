@@ -166,11 +166,12 @@ def finish_classifier_run(accelerator, model, cfg, state: dict, script: str, met
         )
         where = cfg.hub_model_id or str(Path(cfg.output_dir).resolve())
         per_class = state.get("per_class", {})
-        write_classifier_card(output, model_path=where, results={**last, "per_class": per_class.get(str(last["epoch"]))}, kept="this directory holds the last epoch's "
-                              "model, the best one is in `best/`", **card)
+        write_classifier_card(output, model_path=where, results={**last, "per_class": per_class.get(str(last["epoch"]))},
+                              kept="this directory holds the last epoch's model, the best one is in `best/`", **card)
         if (output / "best").is_dir():
             write_classifier_card(output / "best", model_path=where if cfg.hub_model_id else f"{where}/best",
-                                  results={**best, "per_class": per_class.get(str(best["epoch"]))}, kept="this directory holds the best epoch's model", **card)
+                                  results={**best, "per_class": per_class.get(str(best["epoch"]))},
+                                  kept="this directory holds the best epoch's model", **card)
         logger.info("last epoch: top-1 %.2f%%, best: top-1 %.2f%% (epoch %d); exported to %s",
                     last["top1"], best["top1"], state["best_epoch"], output)
         if cfg.push_to_hub:
