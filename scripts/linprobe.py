@@ -223,6 +223,7 @@ def main(argv=None) -> int:
 
     # ---- train the head ----------------------------------------------------------------------------
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    announced = False  # the cache's use is logged once
     for epoch in range(state["epoch"], cfg.num_train_epochs):
         head.train()
         freeze_encoder(model)  # the encoder stays in eval mode
@@ -230,9 +231,10 @@ def main(argv=None) -> int:
         skip = done_in_epoch * cfg.gradient_accumulation_steps
         from_cache = cache is not None and cache.exists()
         if from_cache:  # (features, labels) of the cached epoch, reshuffled
-            if epoch == state["epoch"]:
-                logger.info("training the head on the cached features in %s (made from %s)", cache.path.parent,
-                            ", ".join(f"{k}={v}" for k, v in key.items() if k in ("model", "dataset", "examples")))
+            if not announced:
+                logger.info("training the head on the cached features in %s (same weights, files, labels and "
+                            "transform: %d examples of %s)", cache.path.parent, key["examples"], key["dataset"])
+                announced = True
             batches = itertools.islice(cache.dataloader(cfg.per_device_train_batch_size, cfg.seed, epoch), skip, None)
         else:
             set_train_epoch(train_loader, epoch)

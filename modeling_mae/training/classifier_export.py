@@ -76,7 +76,9 @@ def write_classifier_card(output_dir, *, model_path: str, model_name: str, base_
 
     from ..image_processing_mae import eval_resize_size
 
-    metrics = [("accuracy", "top-1 accuracy", results["top1"]), ("top_5_accuracy", "top-5 accuracy", results["top5"])]
+    metrics = [("accuracy", "top-1 accuracy", results["top1"])]
+    if len(class_names) > 5:  # with 5 classes or fewer, "top-5" is every class: always 100 %
+        metrics.append(("top_5_accuracy", "top-5 accuracy", results["top5"]))
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-classification",
@@ -98,7 +100,8 @@ def write_classifier_card(output_dir, *, model_path: str, model_name: str, base_
     card = ModelCard.from_template(
         data, template_str=CLASSIFIER_CARD_TEMPLATE, model_name=model_name, base_model=base_model,
         dataset_name=dataset_name, eval_split=eval_split, num_examples=results["num_examples"],
-        top1=f"{results['top1']:.2f}%", top5=f"{results['top5']:.2f}%", loss=f"{results['loss']:.4f}",
+        top1=f"{results['top1']:.2f}%",
+        top5=f"{results['top5']:.2f}%" if len(class_names) > 5 else f"- ({len(class_names)} classes)", loss=f"{results['loss']:.4f}",
         best_epoch=best_epoch, epochs=epochs, model_path=model_path, script=script, method=method,
         config_yaml=config_yaml, kept=kept, per_class=per_class_text,
         data_lines="\n".join(f"- {line}" for line in data_lines),
