@@ -27,8 +27,8 @@ import torch
 
 from ..configuration_mae import MAEConfig
 from ..modeling_mae_backbone import MAEUperNetConfig, MAEUperNetForSemanticSegmentation
-from ..pos_embed import interpolate_pos_embed
-from ..relative_position import num_relative_positions, relative_position_index, resize_relative_position_table
+from ..relative_position import num_relative_positions, relative_position_index
+from .convert import interpolate_positions
 from .keymaps import MMSEG, MMSEG_RELATIVE_POSITION_INDEX, rename_to_ours, rename_to_theirs
 
 
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 # The blocks the MAE / BEiT UperNet configs feed to the pyramid, by depth (1-based).
 DEFAULT_OUT_INDICES = {12: [4, 6, 8, 12], 24: [8, 12, 16, 24]}
-POSITION_KEY = "backbone.mae.embeddings.position_embeddings"
 TABLE_SUFFIX = "relative_position_bias_table"
 _INDEX = re.compile(r"^backbone\.layers\.(\d+)\.attn\.relative_position_index$")
 
@@ -134,22 +133,6 @@ def _check_index(state_dict: dict, grid: tuple[int, int]) -> list[str]:
     return keys
 
 
-def resize_to_grid(state_dict: dict, source_grid, target_grid) -> dict:
-    """Our (canonical) names: the position table (bicubic) and every relative position table (bilinear
-    over the offsets, CLS entries kept) resized from `source_grid` to `target_grid`."""
-    source_grid, target_grid = tuple(source_grid), tuple(target_grid)
-    if source_grid == target_grid:
-        return state_dict
-    out = dict(state_dict)
-    for key, value in state_dict.items():
-        if key.endswith("embeddings.position_embeddings"):
-            out[key] = interpolate_pos_embed(value, source_grid, target_grid)
-        elif key.endswith(TABLE_SUFFIX):
-            out[key] = resize_relative_position_table(value, source_grid, target_grid)
-    logger.info("resized the position and relative position tables from grid %s to %s", source_grid, target_grid)
-    return out
-
-
 def convert_mmseg_to_mae(
     state_dict: dict[str, torch.Tensor],
     *,
@@ -172,7 +155,7 @@ def convert_mmseg_to_mae(
     model = MAEUperNetForSemanticSegmentation(config)
     fresh = model.state_dict()
     renamed = rename_to_ours(MMSEG, state_dict, fresh.keys())
-    converted = resize_to_grid(renamed.state_dict, source_grid, config.backbone_config.grid_size)
+    converted = interpolate_positions(renamed.state_dict, source_grid, config.backbone_config.grid_size)
     unexpected = [k for k in renamed.unexpected if k not in index_keys]
     if renamed.missing:
         described = [f"{k} <- {' + '.join(v) if v else '(no rule)'}" for k, v in renamed.missing.items()]
