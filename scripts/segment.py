@@ -308,7 +308,8 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
     areas = accelerator.reduce(areas, reduction="sum").cpu().numpy()
     model.train()
     results = mean_iou.metrics_from_areas(*areas)
-    return {k: v for k, v in results.items() if not isinstance(v, np.ndarray)}
+    per_class = [None if np.isnan(v) else float(v) for v in results["per_category_iou"]]  # None: class absent
+    return {**{k: v for k, v in results.items() if not isinstance(v, np.ndarray)}, "per_category_iou": per_class}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,6 +329,7 @@ ViT encoder, fine-tuned with `scripts/segment.py` of modeling_mae on **{{ datase
 |---|---|
 | best mIoU | {{ best_miou }} (step {{ best_step }}) |
 | mean accuracy / overall accuracy | {{ best_macc }} / {{ best_aacc }} |
+| aAcc / mIoU / mAcc (%, as mmsegmentation reports) | {{ best_aacc_pct }} / {{ best_miou_pct }} / {{ best_macc_pct }} |
 | evaluation | {{ eval_mode }}, crop {{ crop_size }} |
 | training | {{ steps }} iterations, batch {{ effective_batch }}, lr {{ lr }}, layer decay {{ layer_decay }} |
 
@@ -339,6 +341,12 @@ processor = AutoImageProcessor.from_pretrained("{{ repo_id }}")
 model = AutoModelForSemanticSegmentation.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 logits = model(**processor(images=image, return_tensors="pt")).logits  # (1, {{ num_labels }}, H, W)
 ```
+
+Per-class IoU at the best step (%; "-" = class in neither predictions nor annotations):
+
+| class | IoU |
+|---|---|
+{{ per_class_rows }}
 
 The resolved run config:
 
@@ -372,6 +380,13 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
         repo_id=cfg.hub_model_id or cfg.output_dir, config_yaml=to_yaml(cfg), **card_values,
     )
     card.save(out / "README.md")
+
+
+def per_class_rows(per_class_iou: list, names: dict[int, str]) -> str:
+    """Markdown rows `| name | IoU % |` for the model card."""
+    return "\n".join(
+        f"| {names.get(i, i)} | {'-' if iou is None else f'{100 * iou:.2f}'} |" for i, iou in enumerate(per_class_iou)
+    )
 
 
 def pyramid_strides(model) -> list[float]:
@@ -485,12 +500,15 @@ def main(argv=None) -> dict:
         state["history"].append({"step": step, **results})
         logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f", step, results["mean_iou"],
                     results["mean_accuracy"], results["overall_accuracy"])
-        accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+        accelerator.log({f"eval/{k}": v for k, v in results.items() if not isinstance(v, list)}, step=step)
         if state["best_miou"] is None or results["mean_iou"] > state["best_miou"]:
             state.update(best_miou=results["mean_iou"], best_step=step, best=results)
             export(model, accelerator, cfg, card_values=dict(
                 best_miou=f"{results['mean_iou']:.4f}", best_step=step, best_macc=f"{results['mean_accuracy']:.4f}",
                 best_aacc=f"{results['overall_accuracy']:.4f}", steps=step, effective_batch=effective_batch,
+                best_aacc_pct=f"{results['aAcc']:.2f}", best_miou_pct=f"{results['mIoU']:.2f}",
+                best_macc_pct=f"{results['mAcc']:.2f}",
+                per_class_rows=per_class_rows(results["per_category_iou"], label_names(cfg)),
             ))
 
     # ---- loop ------------------------------------------------------------------------------------

@@ -218,3 +218,56 @@ def test_layer_decay_puts_tables_and_gammas_in_their_block():
             group = where[id(param)]
             assert group["lr_scale"] == pytest.approx(0.5 ** (depth + 1 - (i + 1)))  # block i = layer i + 1
             assert group["weight_decay"] == 0.0  # tables as in timm's / transformers' BEiT; gammas are 1-d
+
+
+def load_segment_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "segment.py"
+    spec = importlib.util.spec_from_file_location("segment_script_rpb", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the config's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_segment_script_builds_the_transfer_backbone_at_the_crop_grid(tmp_path, official):
+    """The ADE20K recipe's options on a pretraining checkpoint (ours or an official .pth): tables zero
+    and gammas 1 at the crop's grid, the position table resized once (as the per-forward interpolation
+    would), so the first forward equals the plain backbone's."""
+    from modeling_mae.conversion.convert import mae_to_official
+    from modeling_mae.pos_embed import interpolate_pos_embed
+
+    script = load_segment_script()
+    pretrained = MAEForPreTraining(tiny(image_size=16))
+    if official:
+        path = tmp_path / "mae_pretrain.pth"
+        torch.save({"model": mae_to_official(pretrained)}, path)
+        extra = dict(model_config={"num_attention_heads": 2, "decoder_num_attention_heads": 2})
+    else:
+        path = tmp_path / "pt"
+        pretrained.save_pretrained(path)
+        extra = {}
+    common = dict(model_name_or_path=str(path), data_dir="unused", num_labels=3, out_indices=[1, 2, 3, 4],
+                  crop_size=32, eval_stride=16, drop_path_rate=0.0, **extra)
+    backbone = script.load_backbone(script.SegmentConfig(**common, use_relative_position_bias=True,
+                                                         layer_scale_init_value=1.0)).eval()
+    assert backbone.config.grid_size == (4, 4)
+    for block in backbone.mae.encoder.layer:
+        assert block.relative_position_bias.relative_position_bias_table.shape == (7 * 7 + 3, 2)
+        assert torch.count_nonzero(block.relative_position_bias.relative_position_bias_table) == 0
+        assert torch.all(block.layer_scale_1 == 1.0)
+    torch.testing.assert_close(backbone.mae.embeddings.position_embeddings,
+                               interpolate_pos_embed(pretrained.mae.embeddings.position_embeddings, (2, 2), (4, 4)))
+    assert backbone.mae.embeddings.position_embeddings.requires_grad  # trained, as in fine-tuning
+    plain = script.load_backbone(script.SegmentConfig(**common)).eval()
+    assert plain.config.grid_size == (2, 2)  # without the bias: the checkpoint's grid, interpolated per forward
+    backbone.pyramid.load_state_dict(plain.pyramid.state_dict())
+    backbone.config._attn_implementation = plain.config._attn_implementation = "eager"
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(plain(x).feature_maps, backbone(x).feature_maps):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
