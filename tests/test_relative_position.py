@@ -271,3 +271,17 @@ def test_segment_script_builds_the_transfer_backbone_at_the_crop_grid(tmp_path, 
     with torch.no_grad():
         for a, b in zip(plain(x).feature_maps, backbone(x).feature_maps):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_the_classifier_takes_the_transfer_options_too():
+    from modeling_mae import MAEForImageClassification
+
+    model = MAEForImageClassification(tiny(num_labels=3, **TRANSFER)).eval()
+    randomize_transfer_parameters(model)
+    block = model.mae.encoder.layer[1]
+    assert block.relative_position_bias is not None and block.layer_scale_2 is not None
+    x = torch.randn(2, 3, 16, 24)
+    logits = model(x).logits
+    with torch.no_grad():
+        block.relative_position_bias.relative_position_bias_table.zero_()
+    assert logits.shape == (2, 3) and not torch.allclose(model(x).logits, logits)  # the table matters
