@@ -136,7 +136,8 @@ class MapImageDataset(torch.utils.data.Dataset):
                 image = decode_image(example[self.image_column])
             except CorruptImageError:
                 continue
-            return self._pixels(image, used), self.label_of(example), used, index
+            # augmentation seeded by the slot asked for: a stand-in differs from its own turn's view
+            return self._pixels(image, index), self.label_of(example), used, index
         if self.substitute_unreadable:
             raise CorruptImageError(f"no image of the {len(self.source)} examples can be decoded")
         height, width = getattr(self.transform, "size", (1, 1))
