@@ -53,6 +53,7 @@ from modeling_mae.training.data import (
     write_demo_dataset,
 )
 from modeling_mae.training.export import HubPushError, export_model, push_to_hub, write_model_card
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained
 from modeling_mae.training.optim import (
     create_optimizer,
     create_scheduler,
@@ -92,8 +93,12 @@ class PretrainConfig:
     create_demo_data: bool = False  # write scikit-image crops into train_dir first if it is empty
     # ---- model -----------------------------------------------------------------------------------
     model_preset: str = "mae-vit-base-patch16"
-    model_name_or_path: Optional[str] = None  # start from saved MAEForPreTraining weights instead
+    model_name_or_path: Optional[str] = None  # start from any MAE: our dir / Hub id, official .pth, ViTMAE, timm
     model_config: dict = field(default_factory=dict)  # MAEConfig overrides, e.g. {drop_path_rate: 0.1}
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     # ---- augmentation ----------------------------------------------------------------------------
@@ -170,9 +175,12 @@ class TrainState:
 # Building blocks
 # --------------------------------------------------------------------------------------------------
 def build_model(cfg: PretrainConfig) -> MAEForPreTraining:
-    overrides = {**cfg.model_config, "mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss}
+    """A preset, or any published MAE converted on the fly (`load_pretrained`: an encoder-only release gets a
+    new decoder, logged loudly)."""
+    overrides = {**cfg.model_config, "mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss,
+                 **checkpoint_options(cfg)}
     if cfg.model_name_or_path:
-        return MAEForPreTraining.from_pretrained(cfg.model_name_or_path, **overrides)
+        return load_pretrained(MAEForPreTraining, cfg.model_name_or_path, **overrides)
     return MAEForPreTraining(MAEConfig.from_preset(cfg.model_preset, **overrides))
 
 
