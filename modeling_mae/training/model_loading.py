@@ -32,6 +32,8 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
+
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +224,53 @@ def _timm_weights(location: str, revision=None, token=None) -> str:
         return hf_hub_download(location, names[0], revision=revision, token=token)
     except Exception:  # older timm repositories: pytorch_model.bin only
         return hf_hub_download(location, names[1], revision=revision, token=token)
+
+
+# --------------------------------------------------------------------------------------------------
+# Another channel count than the checkpoint's
+# --------------------------------------------------------------------------------------------------
+def adapt_num_channels(model, num_channels: int):
+    """A copy of `model` for `num_channels` input channels, every other weight unchanged.
+
+    - The patch projection (D, C, p, p) -> (D, N, p, p) by timm's `adapt_input_conv`: N = 1 sums the
+      source channels (a gray image equal in every channel then gives the same embedding as before);
+      other N repeat the source channels cyclically and scale by C / N (the summed response of
+      equal inputs is kept).
+    - The decoder's pixel head `decoder_pred` (p*p*C rows, channel fastest, as `patchify` orders a
+      patch) -> p*p*N rows: N = 1 takes the mean of the source channels' rows (the prediction of a
+      gray value), other N take the row of source channel n mod C.
+
+    Returns (model, a sentence saying what was done) — the caller logs it."""
+    from timm.models import adapt_input_conv
+
+    from modeling_mae import MAEConfig
+    from modeling_mae.conversion.keymaps import ours_state_dict, strip_ours
+
+    old = int(model.config.num_channels)
+    if num_channels == old:
+        return model, f"the model already has {old} channel(s)"
+    if num_channels < 1:
+        raise ValueError(f"`num_channels` must be >= 1, got {num_channels}")
+    config = MAEConfig.from_dict({**model.config.to_dict(), "num_channels": int(num_channels)})
+    state = ours_state_dict(model)
+    key = "mae.embeddings.patch_embeddings.projection.weight"
+    state[key] = adapt_input_conv(num_channels, state[key], base_chans=old)
+    done = [f"patch projection {old} -> {num_channels} channels ("
+            + ("sum over the source channels" if num_channels == 1 else f"source channels repeated, scaled by {old}/{num_channels}")
+            + ")"]
+    if "decoder.decoder_pred.weight" in state:
+        p = config.patch_size
+        for name in ("decoder.decoder_pred.weight", "decoder.decoder_pred.bias"):
+            rows = state[name].reshape(p * p, old, *state[name].shape[1:])  # (p*p, C, ...)
+            if num_channels == 1:
+                rows = rows.mean(dim=1, keepdim=True)
+            else:
+                rows = rows[:, torch.arange(num_channels) % old]
+            state[name] = rows.reshape(p * p * num_channels, *state[name].shape[1:]).contiguous()
+        done.append("decoder pixel head rows " + ("averaged over the source channels" if num_channels == 1
+                                                  else "taken from source channel n mod " + str(old)))
+    adapted = type(model)(config)
+    adapted.load_state_dict(strip_ours(adapted, state), strict=True)
+    adapted.set_position_embeddings_trainable()
+    adapted.train(model.training)
+    return adapted, f"adapted the {old}-channel checkpoint to {num_channels} channels: " + "; ".join(done)
