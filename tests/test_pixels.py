@@ -259,6 +259,22 @@ def test_pretrain_adapts_an_rgb_checkpoint_or_names_the_mismatch(pretrain, tmp_p
         pretrain.main(tiny_args(root, tmp_path / "len", image_mean="0.5,0.5,0.5", image_std="0.2,0.2,0.2"))
 
 
+def test_stopped_run_on_6band_data_resumes_exactly(pretrain, tmp_path):
+    """In-process: 3 steps, then a second run resumes from that checkpoint to step 6 (constant lr, so the
+    schedule does not depend on the planned length) = 6 steps uninterrupted, samples and weights."""
+    root = write_layout(tmp_path / "data", "webdataset", band6_arrays(20), "band6")
+    common = dict(checkpointing_steps=3, log_sample_ids="true", num_warmup_steps=0, min_lr=1e-3)
+    assert pretrain.main(tiny_args(root, tmp_path / "ref", max_train_steps=6, **common)) == 0
+    out = tmp_path / "run"
+    assert pretrain.main(tiny_args(root, out, max_train_steps=3, **common)) == 0
+    assert pretrain.main(tiny_args(root, out, max_train_steps=6, resume_from_checkpoint="latest", **common)) == 0
+    assert read_sample_ids(out) == read_sample_ids(tmp_path / "ref")
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
 def test_killed_run_on_16bit_data_resumes_exactly(tmp_path):
     root = write_layout(tmp_path / "data", "parquet", gray16_arrays(24), "gray16")
     common = dict(max_train_steps=6, checkpointing_steps=3, log_sample_ids="true", dataloader_num_workers=0)
