@@ -289,3 +289,27 @@ def test_killed_run_on_16bit_data_resumes_exactly(tmp_path):
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures for any channel count
+# --------------------------------------------------------------------------------------------------
+def test_reconstruction_pictures_per_channel_and_by_the_dataset_range():
+    from modeling_mae.training.visualization import HEADER_LINES, LINE_HEIGHT, PAD, grid_image_size, reconstruction_grid
+
+    model = MAEForPreTraining(MAEConfig.from_preset("mae-tiny", num_channels=6)).eval()
+    # band c holds the 16-bit value 6000 * (c + 1) everywhere; dataset-scaled to [0, 1] by 65535
+    values = torch.tensor([6000.0 * (c + 1) for c in range(6)]) / 65535
+    images = values.view(1, 6, 1, 1).expand(2, 6, 32, 32).contiguous()
+    mean, std = [0.3] * 6, [0.2] * 6
+    grid = reconstruction_grid(model, normalize_on_device(images, mean, std), mean=mean, std=std, seed=0)
+    width, height = grid_image_size(2, 32, 32)
+    assert grid.size == (width, 6 * height)  # one grid per channel, stacked
+    top = HEADER_LINES * LINE_HEIGHT + 5
+    for channel in range(6):  # the original panel of each grid: the band's value on the dataset's range
+        pixel = grid.getpixel((PAD + 5, channel * height + top))
+        assert pixel == (round(6000 * (channel + 1) / 65535 * 255),) * 3
+    composite = reconstruction_grid(model, normalize_on_device(images, mean, std), mean=mean, std=std,
+                                    composite=(5, 2, 0))
+    assert composite.size == (width, height)
+    assert composite.getpixel((PAD + 5, top)) == tuple(round(6000 * (c + 1) / 65535 * 255) for c in (5, 2, 0))

@@ -268,3 +268,45 @@ def channel_statistics(cells: Iterable[Any], fmt: PixelFormat, total: int | None
         fmt.check(array, f"image {index}")
         stats.update(fmt.to_float(array))
     return stats.result()
+
+
+# --------------------------------------------------------------------------------------------------
+# Demo data (no download): 16-bit single-channel images and 6-band arrays
+# --------------------------------------------------------------------------------------------------
+DEMO_PIXEL_KINDS = ("gray16", "bands6")
+
+
+def demo_pixel_arrays(kind: str, count: int, size: int = 48, seed: int = 0) -> list[np.ndarray]:
+    """Smooth random scenes a tiny MAE can learn: `gray16` = (H, W) uint16 with a per-image brightness
+    level anywhere in 0-65535 (the absolute level matters, as in X-ray or CT); `bands6` = (H, W, 6) uint16
+    "spectra": each pixel mixes two of three random material maps with band-specific responses."""
+    if kind not in DEMO_PIXEL_KINDS:
+        raise ValueError(f"`kind` must be one of {DEMO_PIXEL_KINDS}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    responses = rng.uniform(2000, 20000, size=(3, 6))  # material x band
+    out = []
+    for _ in range(count):
+        coarse = rng.uniform(0, 1, size=(3, 5, 5)).astype(np.float32)
+        maps = np.stack([np.asarray(Image.fromarray(c, mode="F").resize((size, size), Image.BICUBIC)) for c in coarse])
+        maps = maps.clip(0, 1)
+        if kind == "gray16":
+            level, contrast = rng.uniform(2000, 50000), rng.uniform(2000, 12000)
+            out.append((level + contrast * maps[0]).clip(0, 65535).astype(np.uint16))
+        else:
+            weights = maps / maps.sum(axis=0, keepdims=True).clip(1e-3)
+            out.append(np.einsum("khw,kb->hwb", weights, responses).clip(0, 65535).astype(np.uint16))
+    return out
+
+
+def write_demo_pixel_dataset(out_dir, kind: str, count: int = 2048, size: int = 48, seed: int = 0) -> int:
+    """Write `demo_pixel_arrays` into a folder: 16-bit PNGs (`gray16`) or `.npy` arrays (`bands6`)."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, array in enumerate(demo_pixel_arrays(kind, count, size, seed)):
+        if kind == "gray16":
+            Image.fromarray(array).save(out / f"{index:05d}.png")
+        else:
+            np.save(out / f"{index:05d}.npy", array)
+    return count
