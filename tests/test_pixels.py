@@ -313,3 +313,20 @@ def test_reconstruction_pictures_per_channel_and_by_the_dataset_range():
                                     composite=(5, 2, 0))
     assert composite.size == (width, height)
     assert composite.getpixel((PAD + 5, top)) == tuple(round(6000 * (c + 1) / 65535 * 255) for c in (5, 2, 0))
+
+
+def test_array_columns_keep_their_declared_dtype(tmp_path):
+    """A Hub-style dataset with an Array3D uint16 column (rows read back as lists) streams as uint16."""
+    import datasets
+
+    arrays = band6_arrays(4)
+    features = datasets.Features({"image": datasets.Array3D((SIZE, SIZE, 6), "uint16")})
+    root = tmp_path / "array3d"
+    root.mkdir()
+    datasets.Dataset.from_dict({"image": arrays}, features=features).to_parquet(str(root / "train.parquet"))
+    cells, _ = first_image_cells(load_source(train_dir=str(root)), 4)
+    fmt = probe_pixel_format(cells)
+    assert fmt == PixelFormat(6, "uint16", (0.0, 65535.0))
+    seen = [item["pixel_values"] for item in identity_stream(root, fmt)]
+    torch.testing.assert_close(seen[0], torch.from_numpy(arrays[0].astype(np.float32) / 65535).permute(2, 0, 1),
+                               atol=0, rtol=0)

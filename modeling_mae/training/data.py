@@ -319,11 +319,21 @@ def _cell_name(cell: Any, image_column: str) -> str:
     return sample_id({image_column: cell}, image_column) if not isinstance(cell, (list, np.ndarray)) else "(array cell)"
 
 
+def _image_feature_dtype(source, image_column: str) -> str | None:
+    from .pixels import feature_dtype
+
+    features = getattr(source, "features", None)
+    return feature_dtype(features.get(image_column)) if features is not None else None
+
+
 def first_image_cells(source, count: int, image_column: str | None = None) -> tuple[list, list[str]]:
     """The undecoded image cells of the first `count` examples of a (raw) source, and their names."""
     source, image_column, _ = prepare_source(source, image_column, None)
     examples = list(source.take(count))
+    dtype = _image_feature_dtype(source, image_column)
     cells = [example[image_column] for example in examples]
+    if dtype is not None:  # array columns read back as lists: give them their declared element type
+        cells = [np.asarray(cell, dtype=dtype) if isinstance(cell, list) else cell for cell in cells]
     names = [example.get("__key__") or _cell_name(cell, image_column) for example, cell in zip(examples, cells)]
     return cells, names
 
@@ -385,6 +395,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         super().__init__()
         source, self.image_column, self.label_column = prepare_source(source, image_column, label_column)
         self.pixel_format = None if pixel_format is None or pixel_format.is_rgb8 else pixel_format
+        self._array_dtype = _image_feature_dtype(source, self.image_column)
         self.source = source
         self.transform = transform
         self.batch_size = batch_size
@@ -466,7 +477,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         from .pixels import decode_array
 
         try:
-            array = decode_array(cell)
+            array = decode_array(cell, self._array_dtype)
         except Exception as err:
             raise CorruptImageError(f"{type(err).__name__}: {err}") from err
         self.pixel_format.check(array, f"image {_cell_name(cell, self.image_column)}")

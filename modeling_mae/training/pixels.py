@@ -71,12 +71,24 @@ def _read_tiff(data: bytes) -> np.ndarray:
     return array
 
 
-def decode_array(cell: Any) -> np.ndarray:
+def feature_dtype(feature) -> str | None:
+    """The element type of an array-valued `datasets` feature (Array2D/3D, nested List / Sequence of a
+    Value), so that cells read back as Python lists keep it; None for image features and the unknown."""
+    while feature is not None:
+        dtype = getattr(feature, "dtype", None)
+        if isinstance(dtype, str) and dtype not in ("list", "dict") and not hasattr(feature, "decode"):
+            return dtype
+        feature = getattr(feature, "feature", None)
+    return None
+
+
+def decode_array(cell: Any, dtype: str | None = None) -> np.ndarray:
     """An image cell (encoded bytes, `{"bytes", "path"}`, a path, an array or nested lists, a PIL image) ->
     (H, W, C) array in the file's own dtype. RGB-like PIL modes (RGB, RGBA, P, CMYK, ...) become 8-bit RGB
-    (`transforms.to_rgb`); `L`, `I;16`, `I`, `F` stay one channel with their values."""
+    (`transforms.to_rgb`); `L`, `I;16`, `I`, `F` stay one channel with their values. Array cells (a Hub
+    dataset's Array3D column, a webdataset `.npy`) take `dtype` (see `feature_dtype`) when given."""
     if isinstance(cell, np.ndarray) or isinstance(cell, list):
-        array = np.asarray(cell)
+        array = np.asarray(cell, dtype=dtype)
     elif isinstance(cell, Image.Image):
         array = _pil_array(cell)
     else:
