@@ -460,7 +460,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(cfg.num_threads)
     pixel_format, raw_source = probe_data(cfg)
     stats = image_statistics(cfg, pixel_format, raw_source, show_progress=is_main)
-    logger.info("data: %s; normalised with %s mean %s, std %s", pixel_format.describe(), stats[2], stats[0], stats[1])
+    logger.info("data: %s; normalised with mean %s, std %s (%s)", pixel_format.describe(), stats[0], stats[1], stats[2])
     set_seed(cfg.seed)  # identical initial weights on every process
     model = build_model(cfg, pixel_format.num_channels)
     if cfg.gradient_checkpointing:  # transformers >= 5 names it activation checkpointing
