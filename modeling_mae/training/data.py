@@ -373,7 +373,7 @@ class ImageStream(torch.utils.data.IterableDataset):
             path (`_load_array`; `transform` takes float (C, H, W) tensors, e.g. `ArrayTrainTransform`),
             `pixel_values` float32 scaled by the dataset's range, every image checked against the format.
 
-    Yields dicts: `pixel_values` uint8 (B, C, H, W) (or (C, H, W)), `labels` int64 (B,) (or int),
+    Yields dicts: `pixel_values` uint8 (B, C, H, W) (or (C, H, W); float32 on the array path), `labels` int64 (B,) (or int),
     `sample_ids` list of str, `num_skipped` (corrupt images skipped since the previous yield) and
     `stream_state` (this worker's position after the batch). Resumed streams may first yield
     `{"placeholder": True}` items, which the consumer drops.
