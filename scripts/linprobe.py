@@ -27,6 +27,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -48,7 +49,7 @@ from modeling_mae.training.config import parse_config, to_yaml
 from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric
 from modeling_mae.training.export import export_model
 from modeling_mae.training.linear_probe import FeatureCache, ProbeHead, feature_cache_key
-from modeling_mae.training.model_loading import load_classifier
+from modeling_mae.training.model_loading import checkpoint_options, load_classifier
 from modeling_mae.training.optim import build_lars, create_scheduler, effective_batch_size, scaled_lr
 from modeling_mae.training.runtime import make_accelerator, quiet_library_loggers
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
@@ -63,6 +64,10 @@ class LinprobeConfig:
 
     # model
     model_name_or_path: str = ""  # save_pretrained directory, Hub id, or official .pth checkpoint
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     # data: a Hub dataset (both splits), or local folders (parquet / webdataset / images)
     dataset_name: str | None = None
     dataset_config_name: str | None = None
@@ -153,7 +158,8 @@ def main(argv=None) -> int:
     # ---- data and model: frozen encoder (CLS features) + BatchNorm + Linear ------------------------
     splits = load_classification_splits(cfg, accelerator)
     model = load_classifier(cfg.model_name_or_path, pooling="cls", linear_probe_head=True, drop_path_rate=0.0,
-                            num_labels=len(splits.class_names), **label_maps(splits.class_names))
+                            num_labels=len(splits.class_names), **label_maps(splits.class_names),
+                            **checkpoint_options(cfg))
     freeze_encoder(model)
     size = model.config.image_hw
     processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform

@@ -152,8 +152,10 @@ def test_normalize_on_device():
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(out, (images.float() / 255 - mean) / std)
     assert normalize_on_device(images, dtype=torch.bfloat16).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="uint8"):
-        normalize_on_device(images.float())
+    # float images are already scaled to [0, 1] by the dataset's range (pixels.PixelFormat)
+    torch.testing.assert_close(normalize_on_device(images.float() / 255), (images.float() / 255 - mean) / std)
+    with pytest.raises(ValueError, match="uint8 or float"):
+        normalize_on_device(images.int())
 
 
 @pytest.mark.parametrize(

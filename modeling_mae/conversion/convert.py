@@ -211,11 +211,15 @@ def _convert_vit_layout(
     """Shared by the official and timm formats (same names): kind -> class, weights -> config, load."""
     overrides = dict(config_overrides)
     heads = {k: overrides.pop(k) for k in ("num_attention_heads", "decoder_num_attention_heads") if k in overrides}
+    # Head counts written by `save_official(..., args=official_args(config))` (the weights cannot hold them)
+    for name in ("num_attention_heads", "decoder_num_attention_heads"):
+        if name not in heads and isinstance((checkpoint_args or {}).get(name), int):
+            heads[name] = checkpoint_args[name]
     kind = detect_kind(state_dict, "decoder_embed.weight", ("head.weight", "head.1.weight"))
     cls = resolve_model_class(model_class, kind)
     architecture = {**official_architecture(state_dict, source, source_image_size, **heads), **heads}
     # Training arguments pickled in full official checkpoints say how the decoder was trained.
-    for name in ("norm_pix_loss", "mask_ratio"):
+    for name in ("norm_pix_loss", "mask_ratio", "layer_norm_eps"):
         if name in (checkpoint_args or {}) and name not in overrides:
             architecture[name] = checkpoint_args[name]
     architecture = default_pooling(cls.__name__, architecture, overrides)
