@@ -57,7 +57,7 @@ from modeling_mae.training.optim import (
     create_optimizer,
     create_scheduler,
     effective_batch_size,
-    param_groups_weight_decay,
+    pretraining_param_groups,
     scaled_lr,
     steps_for_epochs,
 )
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
         total_steps, warmup_steps, num_examples if num_examples else "unknown number of",
     )
 
-    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    groups = pretraining_param_groups(model, cfg.weight_decay)  # the official groups: tokens decayed
     optimizer = create_optimizer(groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
     scheduler = create_scheduler(optimizer, warmup_steps, total_steps, cfg.min_lr)
     if cfg.torch_compile:
