@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from modeling_mae import MAEConfig, MAEForPreTraining
 
+from pretrain_helpers import read_sample_ids, run_pretrain, tiny_args, write_dataset
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,3 +79,56 @@ def test_fsdp2_matches_ddp_and_resumes_from_a_sharded_checkpoint(tmp_path):
     # the exported weights load into the model class
     model = MAEForPreTraining(MAEConfig.from_preset("mae-tiny"))
     model.load_state_dict(fsdp)
+
+
+@pytest.mark.slow
+def test_pretrain_script_through_accelerates_fsdp2_matches_ddp_and_resumes(tmp_path):
+    """scripts/pretrain.py with configs/accelerate/fsdp.yaml on 2 CPU processes, accelerate's FSDP2 code
+    switched on by tests/fsdp_accelerate_cpu.py: sharded checkpoints (one file per process), a resume from
+    the step-2 checkpoint that ends as the uninterrupted run, a full export with our own remote code, and
+    the same weights as a DDP run (configs/accelerate/cpu_multi_process.yaml) of the same steps."""
+    import shutil
+
+    data = write_dataset(tmp_path / "data", "webdataset", count=64, num_shards=4)
+    common = dict(max_train_steps=4, checkpointing_steps=2, reconstruction_steps=2, log_sample_ids="true")
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+
+    def launcher(config: str, port: int) -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "configs" / "accelerate" / config), "--num_processes", "2", "--mixed_precision", "no",
+                "--main_process_port", str(port)]
+
+    fsdp = launcher("fsdp.yaml", 29543) + [str(REPO / "tests" / "fsdp_accelerate_cpu.py")]
+    full = run_pretrain(tiny_args(data, tmp_path / "fsdp", **common), env=env, launcher=fsdp, timeout=600)
+    assert full.returncode == 0, full.stderr[-4000:]
+    step_2 = tmp_path / "fsdp" / "checkpoints" / "step_2"
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # SHARDED_STATE_DICT: one file per process
+        assert sorted(p.name for p in (step_2 / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (step_2 / "model.safetensors").exists()
+    out = tmp_path / "fsdp"
+    assert (out / "reconstructions" / "step_2.png").is_file() and (out / "reconstruction.png").is_file()
+    # the export is the model's own class and code, not the FSDP-generated subclass
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["auto_map"]["AutoModelForPreTraining"] == "modeling_mae.MAEForPreTraining"
+    assert (out / "modeling_mae.py").is_file() and not list(out.glob("_fsdp*.py"))
+
+    # resume from the sharded step-2 checkpoint in a fresh output directory
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(step_2, resumed_dir / "checkpoints" / "step_2")
+    shutil.copytree(out / "sample_ids", resumed_dir / "sample_ids")
+    resumed = run_pretrain(tiny_args(data, resumed_dir, resume_from_checkpoint="latest", **common), env=env,
+                           launcher=fsdp, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr and "step_2" in resumed.stderr
+
+    ddp = run_pretrain(tiny_args(data, tmp_path / "ddp", **common), env=env,
+                       launcher=launcher("cpu_multi_process.yaml", 29545), timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("fsdp", "resumed", "ddp")}
+    assert weights["fsdp"].keys() == weights["resumed"].keys() == weights["ddp"].keys()
+    for key in weights["fsdp"]:
+        torch.testing.assert_close(weights["resumed"][key], weights["fsdp"][key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(weights["ddp"][key], weights["fsdp"][key], rtol=1e-5, atol=1e-6, msg=key)
+    for rank in (0, 1):
+        assert read_sample_ids(resumed_dir, rank) == read_sample_ids(out, rank) == read_sample_ids(tmp_path / "ddp", rank)
