@@ -9,10 +9,10 @@
 The loop, top to bottom: `MAEForImageClassification` with `pooling="cls"` and `linear_probe_head`
 (normalised CLS token -> BatchNorm1d(affine=False) -> Linear) -> the encoder frozen
 (`requires_grad=False`) and kept in eval mode, features computed without gradients -> only the head
-trains (its BatchNorm running statistics update), with LARS (timm) -> warm-up + cosine lr per
-optimizer step -> after every epoch: top-1 / top-5 / loss on the validation split, a resumable
-checkpoint, the best model in `output_dir/best`; at the end the whole classifier (frozen encoder +
-trained head) in `output_dir` with `id2label` and a model card of the measured accuracy.
+trains (its BatchNorm running statistics update), with the official LARS (trust coefficient 0.001)
+-> warm-up + cosine lr per optimizer step -> after every epoch: top-1 / top-5 / loss on the
+validation split, a resumable checkpoint, the best model in `output_dir/best`; at the end the whole
+classifier (frozen encoder + trained head) in `output_dir` with `id2label` and a model card of the measured accuracy.
 
 `--cache_features`: the first full epoch writes this process's training features to
 `feature_cache_dir`; later epochs train the head on them without running the encoder (each image

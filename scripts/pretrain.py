@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from modeling_mae import MAEConfig, MAEForPreTraining
@@ -59,7 +59,7 @@ from modeling_mae.training.optim import (
     create_optimizer,
     create_scheduler,
     effective_batch_size,
-    param_groups_weight_decay,
+    pretraining_param_groups,
     scaled_lr,
     steps_for_epochs,
 )
@@ -369,14 +369,17 @@ def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, gua
 
 @torch.no_grad()
 def write_reconstruction(model, images: torch.Tensor, path: Path, seed: int,
-                         stats=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)) -> Path:
+                         stats=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), save: bool = True) -> Path | None:
     """Reconstruction grid PNG of uint8 or dataset-scaled float images; its own RNG, so the training RNG
-    (masks) is untouched."""
+    (masks) is untouched. Under FSDP a forward gathers the shards (a collective): every process calls
+    this and only `save` writes."""
     from modeling_mae.training.visualization import reconstruction_grid
 
     mean, std = stats
     with torch.random.fork_rng(devices=[]):
         image = reconstruction_grid(model, normalize_on_device(images, mean, std), seed=seed, mean=mean, std=std)
+    if not save:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
@@ -400,11 +403,15 @@ def image_processor_for(model, pixel_format: PixelFormat, stats):
 
 @torch.no_grad()
 def param_checksum(model) -> list[float]:
-    """(sum, sum of squares) of all parameters in float64: a cheap fingerprint to compare replicas."""
+    """(sum, sum of squares) of all parameters in float64: a cheap fingerprint to compare replicas.
+
+    Under FSDP a parameter is a DTensor shard: its sums are reduced over the processes (a collective,
+    every process calls this), so the fingerprint is that of the whole model there too."""
     total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
     for param in model.parameters():
         p = param.detach().double()
-        total += torch.stack([p.sum(), p.square().sum()])
+        sums = [p.sum(), p.square().sum()]
+        total += torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in sums])
     return total.tolist()
 
 
@@ -439,6 +446,7 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     is_main = accelerator.is_main_process
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # a forward is a collective there
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
     config_yaml = to_yaml(cfg)
@@ -490,7 +498,7 @@ def main(argv=None) -> int:
         total_steps, warmup_steps, num_examples if num_examples else "unknown number of",
     )
 
-    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    groups = pretraining_param_groups(model, cfg.weight_decay)  # the official groups: tokens decayed
     optimizer = create_optimizer(groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
     scheduler = create_scheduler(optimizer, warmup_steps, total_steps, cfg.min_lr)
     if cfg.torch_compile:
@@ -604,9 +612,9 @@ def main(argv=None) -> int:
                         logger.warning("step %d: not checkpointing during a streak of non-finite steps", state.step)
                     else:
                         save_checkpoint()
-                if is_main and cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0:
+                if cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0 and (is_main or sharded):
                     png = Path(cfg.output_dir) / "reconstructions" / f"step_{state.step}.png"
-                    write_reconstruction(model, preview, png, cfg.seed, stats[:2])
+                    write_reconstruction(model, preview, png, cfg.seed, stats[:2], save=is_main)
                 if state.step == crash_at:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook (see the module docstring)
             if exhausted:
@@ -629,14 +637,17 @@ def main(argv=None) -> int:
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt_images, device=accelerator.device), "sum"))
     full_state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards (collective: every process)
     accelerator.wait_for_everyone()
+    output_dir = Path(cfg.output_dir)
+    recon = None
+    if preview is not None and (is_main or sharded):
+        recon = write_reconstruction(
+            accelerator.unwrap_model(model), preview, output_dir / "reconstruction.png", cfg.seed, stats[:2],
+            save=is_main,
+        )
     if is_main:
-        output_dir = Path(cfg.output_dir)
         unwrapped = accelerator.unwrap_model(model)
         export_model(unwrapped, output_dir, state_dict=full_state_dict,
                      image_processor=image_processor_for(unwrapped, pixel_format, stats))
-        recon = None
-        if preview is not None:
-            recon = write_reconstruction(unwrapped, preview, output_dir / "reconstruction.png", cfg.seed, stats[:2])
         write_model_card(
             output_dir,
             card_data={

@@ -60,11 +60,14 @@ MODEL_CLASSES = {cls.__name__: cls for cls in (MAEModel, MAEForPreTraining, MAEF
 KIND_TO_CLASS = {"encoder": "MAEModel", "pretraining": "MAEForPreTraining", "classifier": "MAEForImageClassification"}
 
 # Parts of our models that a release kind may lack entirely (encoder-only weights have no decoder and
-# no head); asking for a class with such a part initialises it anew, loudly.
+# no head); asking for a class with such a part initialises it anew and says how. The decoder and the
+# head are random, to be trained; `fc_norm` starts at weight 1, bias 0, as the official fine-tuning
+# starts it (its model builds `fc_norm` fresh and loads only the encoder).
 NEW_PARTS = (
-    (("decoder.",), "the pretraining DECODER"),
-    (("classifier.", "head_norm."), "the classification HEAD"),
-    (("mae.fc_norm.",), "the pooled-feature LayerNorm `fc_norm`"),
+    (("decoder.",), "the pretraining DECODER", None),
+    (("classifier.", "head_norm."), "the classification HEAD", None),
+    (("mae.fc_norm.",), "the pooled-feature LayerNorm `fc_norm`",
+     "set to weight 1 and bias 0 (ones / zeros), exactly as the official fine-tuning starts it"),
 )
 POSITION_TABLES = ("mae.embeddings.position_embeddings", "decoder.decoder_pos_embed")
 RELATIVE_POSITION_TABLE = "relative_position_bias_table"
@@ -147,16 +150,19 @@ def build_from_foreign(
         )
 
     missing = dict(renamed.missing)
-    for prefixes, what in NEW_PARTS:
+    for prefixes, what, initialised_as in NEW_PARTS:
         part = [k for k in fresh if k.startswith(prefixes)]
         if part and all(k in missing for k in part):
             for k in part:
                 missing.pop(k)
-            message = (
-                f"\n{'!' * 100}\n{what} of this {model_class.__name__} is NEWLY INITIALISED (random): the "
-                f"{keymap.name} checkpoint has no weights for it ({len(part)} tensors, e.g. {part[0]}). "
-                f"Train it before using its outputs.\n{'!' * 100}"
-            )
+            absent = f"the {keymap.name} checkpoint has no weights for it ({len(part)} tensors, e.g. {part[0]})"
+            if initialised_as is None:
+                message = (
+                    f"\n{'!' * 100}\n{what} of this {model_class.__name__} is NEWLY INITIALISED (random): "
+                    f"{absent}. Train it before using its outputs.\n{'!' * 100}"
+                )
+            else:
+                message = f"{what} of this {model_class.__name__} is {initialised_as}: {absent}."
             warnings.warn(message, NewlyInitializedWeightsWarning, stacklevel=3)
     if missing:
         described = [f"{k} <- {' + '.join(v) if v else '(no rule)'}" for k, v in missing.items()]
