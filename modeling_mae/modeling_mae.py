@@ -225,7 +225,9 @@ class MAELayer(GradientCheckpointingLayer):
 class MAEEncoder(nn.Module):
     def __init__(self, config: MAEConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Stochastic depth rising linearly over the blocks (the official values). Computed on the CPU
+        # explicitly: under a meta default device (big-model / FSDP loading) `.tolist()` could not copy out.
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layer = nn.ModuleList(
             MAELayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
             for rate in rates
