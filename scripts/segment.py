@@ -78,6 +78,8 @@ class SegmentConfig:
     # width is not a published one ({num_attention_heads: 2})
     model_config: dict = field(default_factory=dict)
     out_indices: list[int] = field(default_factory=lambda: [4, 6, 8, 12])  # blocks feeding strides 4/8/16/32
+    # the simple feature pyramid (MAEConfig.add_fpn, as BEiT's); off = every block's map at stride p
+    add_fpn: bool = True
     drop_path_rate: float = 0.1
     decoder_hidden_size: int = 768  # UperNet channels (UperNetConfig.hidden_size)
     use_auxiliary_head: bool = True
@@ -178,7 +180,7 @@ def label_names(cfg: SegmentConfig) -> dict[int, str]:
 
 def load_backbone(cfg: SegmentConfig) -> MAEBackbone:
     """The encoder of any MAE checkpoint (pretraining, encoder or classifier; ours, converted or official)."""
-    overrides = dict(out_indices=list(cfg.out_indices), drop_path_rate=cfg.drop_path_rate)
+    overrides = dict(out_indices=list(cfg.out_indices), drop_path_rate=cfg.drop_path_rate, add_fpn=cfg.add_fpn)
     if is_official_checkpoint(cfg.model_name_or_path):  # the converter builds an MAEModel; move its blocks over
         encoder = load_pretrained(MAEModel, cfg.model_name_or_path, **cfg.model_config)
         backbone = MAEBackbone(MAEConfig.from_dict({**encoder.config.to_dict(), "out_features": None, **overrides}))
@@ -202,7 +204,12 @@ def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
         loss_ignore_index=IGNORE_INDEX,
     )
     if cfg.model_preset is not None:
-        overrides = {**cfg.model_config, "out_indices": list(cfg.out_indices), "drop_path_rate": cfg.drop_path_rate}
+        overrides = {
+            **cfg.model_config,
+            "out_indices": list(cfg.out_indices),
+            "drop_path_rate": cfg.drop_path_rate,
+            "add_fpn": cfg.add_fpn,
+        }
         backbone_config = MAEConfig.from_preset(cfg.model_preset, **overrides)
         return MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=backbone_config, **heads, **labels))
     if not is_official_checkpoint(cfg.model_name_or_path):
@@ -337,7 +344,10 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
 
 
 def pyramid_strides(model) -> list[float]:
-    patch = model.config.backbone_config.patch_size
+    backbone = model.config.backbone_config
+    patch = backbone.patch_size
+    if not backbone.add_fpn:  # one map per selected block, all at the patch stride
+        return [patch] * len(backbone.out_indices)
     return [patch / 4, patch / 2, patch, patch * 2]
 
 
