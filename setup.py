@@ -27,6 +27,6 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-image>=0.22", "tensorboard"],  # the CPU demo's photographs; TensorBoard logs
-        "dev": ["pytest>=8", "pytest-timeout", "scipy", "scikit-image>=0.22", "tensorboard"],
+        "dev": ["pytest>=8", "pytest-timeout", "parameterized", "scipy", "scikit-image>=0.22", "tensorboard"],
     },
 )
