@@ -85,6 +85,11 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
             attention and MLP branches of every encoder block, starting at this value (1.0 in the
             mmsegmentation MAE ADE20K recipe); 0 = none (the paper's plain ViT).
         out_features / out_indices: backbone stages (`"stem"`, `"stage1"` ... `"stageN"`, one per block).
+            `MAEBackbone` returns one (N, D, H/p, W/p) map per selected stage; default: the last block.
+        add_fpn (`bool`, defaults to `False`): `MAEBackbone` turns the selected maps into the simple feature
+            pyramid (strides p/4, p/2, p, 2p) of BEiT / MAE segmentation (BEiT's `add_fpn`); needs four
+            stages (one per level) or one (it feeds every level, ViTDet's single-scale pyramid). The UperNet
+            segmentation model sets it.
     """
 
     model_type = "mae"
@@ -119,6 +124,7 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
         layer_scale_init_value=0.0,
         out_features=None,
         out_indices=None,
+        add_fpn=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -153,6 +159,7 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
         self.layer_scale_init_value = layer_scale_init_value
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        self.add_fpn = add_fpn
         self.validate()
 
     # ----------------------------------------------------------------------------------------------
@@ -226,6 +233,7 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
             )
         if self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
+        check_pyramid_stages(self.add_fpn, self.out_features)
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -236,6 +244,18 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
         kwargs = copy.deepcopy(MAE_PRESETS[name])
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+PYRAMID_LEVELS = 4
+
+
+def check_pyramid_stages(add_fpn: bool, out_features: list[str]) -> None:
+    """The simple feature pyramid takes one stage per level (4) or one stage for all levels."""
+    if add_fpn and len(out_features) not in (1, PYRAMID_LEVELS):
+        raise ValueError(
+            f"`add_fpn=True` needs {PYRAMID_LEVELS} stages in `out_features` / `out_indices` (one per pyramid "
+            f"level) or 1 (it feeds every level), got {len(out_features)}: {out_features}"
+        )
 
 
 def _mlp(width: int, ratio: float) -> int:

@@ -274,10 +274,9 @@ class MAELayer(GradientCheckpointingLayer):
 class MAEEncoder(nn.Module):
     def __init__(self, config: MAEConfig):
         super().__init__()
-        # stochastic depth rising linearly to drop_path_rate, computed in Python: a tensor (torch.linspace)
-        # would be created on the meta device under `with torch.device("meta")` and cannot be read back
-        n = config.num_hidden_layers
-        rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+        # Stochastic depth rising linearly over the blocks (the official values). Computed on the CPU
+        # explicitly: under a meta default device (big-model / FSDP loading) `.tolist()` could not copy out.
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layer = nn.ModuleList(
             MAELayer(
                 config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate,

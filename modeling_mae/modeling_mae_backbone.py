@@ -1,8 +1,13 @@
 """The MAE encoder as a transformers Backbone, and UperNet semantic segmentation on top of it.
 
-The paper transfers the pretrained encoder to ADE20K with UperNet (BEiT's segmentation setup). A plain
-ViT gives one map at stride p (16 for ViT-B/L); UperNet wants four scales. A simple feature pyramid
-(BEiT / MAE segmentation; ViTDet's "simple feature pyramid") makes them from the selected blocks:
+Contract (transformers' `BackboneMixin`, as BEiT / ViTDet): stage names are "stem" (the embeddings) and
+"stageK" (the output of block K, 1-based); `config.out_features` / `out_indices` select any of them, and
+the backbone returns one (N, D, H/p, W/p) map per selected stage, with one `channels` entry each (D).
+Default: the last block.
+
+The paper transfers the pretrained encoder to ADE20K with UperNet (BEiT's segmentation setup), which
+wants four scales. With `config.add_fpn=True` (BEiT's option of the same name) a simple feature pyramid
+(BEiT / MAE segmentation; ViTDet's "simple feature pyramid") makes them from the selected maps:
 
     level  stride (p=16)  operation on the (N, D, H/p, W/p) map
     fpn1   4              ConvTranspose(2x2, s2) + BatchNorm + GELU + ConvTranspose(2x2, s2)
@@ -10,18 +15,16 @@ ViT gives one map at stride p (16 for ViT-B/L); UperNet wants four scales. A sim
     fpn3   16             identity
     fpn4   32             MaxPool(2x2, s2)
 
-How `config.out_features` / `out_indices` map to the levels (stage names: "stem" = the embeddings,
-"stageK" = the output of block K, 1-based):
 - four stages -> one per level, in order. The MAE / BEiT UperNet setup takes blocks 4, 6, 8, 12 of
   ViT-B (`out_indices=[4, 6, 8, 12]`) and 8, 12, 16, 24 of ViT-L.
-- one stage -> that map feeds all four levels (ViTDet's single-scale simple pyramid); the default
-  `out_features=["stageN"]` (last block) works this way.
-Every level has `hidden_size` channels. Strides scale with the patch size (ViT-H/14: 3.5, 7, 14, 28).
+- one stage -> that map feeds all four levels (ViTDet's single-scale simple pyramid).
+The backbone then returns the four levels, and `channels` has four entries (D each). Strides scale with
+the patch size (ViT-H/14: 3.5, 7, 14, 28). The UperNet model below sets `add_fpn`.
 
 Weights: the backbone wraps an `MAEModel` as `mae` (no final LayerNorm, no pooling), so its keys are
 `mae.embeddings.*`, `mae.encoder.layer.{i}.*` as in `MAEForPreTraining` / `MAEForImageClassification`
-(and `embeddings.*`, `encoder.*` of a bare `MAEModel` get the prefix added on load), plus
-`pyramid.fpn1.*`, `pyramid.fpn2.*`. Any MAE checkpoint's encoder loads without missing encoder keys;
+(and `embeddings.*`, `encoder.*` of a bare `MAEModel` get the prefix added on load), plus, with
+`add_fpn`, `pyramid.fpn1.*`, `pyramid.fpn2.*`. Any MAE checkpoint's encoder loads without missing encoder keys;
 the pretraining decoder, final norms and classifier heads are ignored, and only the new `pyramid.*`
 layers start from scratch.
 Position embeddings keep the checkpoint's grid and are interpolated (bicubic) to each input size,
@@ -49,11 +52,8 @@ from transformers.models.upernet.modeling_upernet import (
     UperNetPreTrainedModel,
 )
 
-from .configuration_mae import MAEConfig
+from .configuration_mae import PYRAMID_LEVELS, MAEConfig, check_pyramid_stages
 from .modeling_mae import MAEModel, MAEPreTrainedModel
-
-
-NUM_PYRAMID_LEVELS = 4
 
 
 def tokens_to_map(hidden_state: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -84,10 +84,9 @@ class MAESimpleFeaturePyramid(nn.Module):
 
 
 class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
-    """MAE encoder -> `BackboneOutput.feature_maps` at strides p/4, p/2, p, 2p (4, 8, 16, 32 for p = 16).
-
-    Selects blocks with `config.out_features` / `config.out_indices` (one or four stages, see the module
-    docstring); accepts any input size divisible by the patch size.
+    """MAE encoder -> `BackboneOutput.feature_maps`: one (N, D, H/p, W/p) map per stage in
+    `config.out_features`, or with `config.add_fpn` the four pyramid levels at strides p/4, p/2, p, 2p
+    (see the module docstring). Accepts any input size divisible by the patch size.
     """
 
     # Fine-tuning trains the (interpolated) position table, as the classifier does.
@@ -95,16 +94,11 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
 
     def __init__(self, config: MAEConfig):
         super().__init__(config)
-        num_selected = len(config.out_features)
-        if num_selected not in (1, NUM_PYRAMID_LEVELS):
-            raise ValueError(
-                f"MAEBackbone needs 1 or {NUM_PYRAMID_LEVELS} stages in `out_features` / `out_indices` (one per "
-                f"pyramid level, or one map for all levels), got {num_selected}: {config.out_features}"
-            )
+        check_pyramid_stages(config.add_fpn, config.out_features)  # out_features may be set after the config
         self.num_features = [config.hidden_size] * len(config.stage_names)
         # The encoder without the final LayerNorm (dense heads read intermediate blocks) and without pooling.
         self.mae = MAEModel(config, add_pooling_layer=False, use_final_norm=False)
-        self.pyramid = MAESimpleFeaturePyramid(config.hidden_size)
+        self.pyramid = MAESimpleFeaturePyramid(config.hidden_size) if config.add_fpn else None
         self.post_init()
 
     # Any MAE checkpoint: the decoder, final norms and classification heads are not part of the backbone.
@@ -116,8 +110,11 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
 
     @property
     def channels(self) -> list[int]:
-        """Channels of the four pyramid levels (UperNet reads this to size its head)."""
-        return [self.config.hidden_size] * NUM_PYRAMID_LEVELS
+        """Channels of each returned map: one entry per out_feature, or per pyramid level with `add_fpn`
+        (UperNet reads this to size its head)."""
+        if self.pyramid is None:
+            return super().channels
+        return [self.config.hidden_size] * PYRAMID_LEVELS
 
     def get_input_embeddings(self):
         return self.mae.embeddings.patch_embeddings
@@ -136,10 +133,17 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
 
-    def select_maps(self, hidden_states: tuple[torch.Tensor, ...], grid: tuple[int, int]) -> list[torch.Tensor]:
-        """The selected stages as (N, D, rows, cols) maps, one per pyramid level."""
-        maps = [tokens_to_map(hidden_states[self.stage_names.index(name)], grid) for name in self.out_features]
-        return maps * NUM_PYRAMID_LEVELS if len(maps) == 1 else maps
+    def select_maps(self, hidden_states: tuple[torch.Tensor, ...], grid: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """The stages in `out_features` as (N, D, rows, cols) maps, in stage order."""
+        return tuple(
+            tokens_to_map(hidden, grid)
+            for name, hidden in zip(self.stage_names, hidden_states)
+            if name in self.out_features
+        )
+
+    def build_pyramid(self, maps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Selected maps -> the four pyramid levels; one map feeds every level."""
+        return self.pyramid(list(maps) * PYRAMID_LEVELS if len(maps) == 1 else list(maps))
 
     def forward(
         self,
@@ -153,8 +157,9 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
         Args:
             pixel_values (`(N, C, H, W)`): normalised images, H and W divisible by the patch size.
         Returns:
-            `BackboneOutput` with `feature_maps`: 4 maps (N, D, H / s, W / s) for s = p/4, p/2, p, 2p;
-            `hidden_states` (embeddings + every block, (N, 1 + L, D)) when asked for; `attentions`.
+            `BackboneOutput` with `feature_maps`: one map (N, D, H / p, W / p) per out_feature, or with
+            `add_fpn` 4 maps (N, D, H / s, W / s) for s = p/4, p/2, p, 2p; `hidden_states` (embeddings +
+            every block, (N, 1 + L, D)) when asked for; `attentions` when asked for.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -168,7 +173,9 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
             return_dict=True,
         )
         grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
-        feature_maps = self.pyramid(self.select_maps(out.hidden_states, grid))
+        feature_maps = self.select_maps(out.hidden_states, grid)
+        if self.pyramid is not None:
+            feature_maps = self.build_pyramid(feature_maps)
         hidden_states = out.hidden_states if output_hidden_states else None
         if not return_dict:
             return tuple(v for v in (feature_maps, hidden_states, out.attentions) if v is not None)
@@ -185,6 +192,10 @@ class MAEUperNetConfig(UperNetConfig):
     (`consolidate_backbone_kwargs_to_config` -> `CONFIG_MAPPING[model_type]`), which knows "mae" only
     after `import modeling_mae` has registered it; sub-configs have no `auto_map`. This class builds
     the `MAEConfig` itself, so `AutoConfig.from_pretrained(dir, trust_remote_code=True)` works anywhere.
+
+    The MAE / BEiT segmentation setup puts the simple feature pyramid between the encoder and UperNet:
+    the default backbone config sets `add_fpn=True`, and so does a saved backbone config from before
+    `add_fpn` existed (the pyramid was then always on, and its weights are in those checkpoints).
     """
 
     model_type = "mae_upernet"
@@ -192,7 +203,7 @@ class MAEUperNetConfig(UperNetConfig):
     def __post_init__(self, **kwargs):
         if self.backbone_config is None:
             # ViT-B/16 with the MAE / BEiT ADE20K block selection
-            self.backbone_config = MAEConfig(out_indices=[4, 6, 8, 12])
+            self.backbone_config = MAEConfig(out_indices=[4, 6, 8, 12], add_fpn=True)
         elif isinstance(self.backbone_config, dict):
             backbone = dict(self.backbone_config)
             model_type = backbone.pop("model_type", MAEConfig.model_type)
@@ -201,6 +212,7 @@ class MAEUperNetConfig(UperNetConfig):
                     f"MAEUperNetConfig.backbone_config must be an MAE config (model_type "
                     f"{MAEConfig.model_type!r}), got model_type {model_type!r}"
                 )
+            backbone.setdefault("add_fpn", True)  # saved before `add_fpn` existed: the pyramid was always on
             self.backbone_config = MAEConfig.from_dict(backbone)
         elif not isinstance(self.backbone_config, MAEConfig):
             raise ValueError(

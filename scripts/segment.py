@@ -90,6 +90,8 @@ class SegmentConfig:
     decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
     image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     out_indices: list[int] = field(default_factory=lambda: [4, 6, 8, 12])  # blocks feeding strides 4/8/16/32
+    # the simple feature pyramid (MAEConfig.add_fpn, as BEiT's); off = every block's map at stride p
+    add_fpn: bool = True
     drop_path_rate: float = 0.1
     # BEiT's relative position bias (zero-initialised, transfer-only) and layer scale (gammas starting at
     # this value; 0 = none), as mmsegmentation's MAE backbone: the ADE20K config turns both on
@@ -198,6 +200,7 @@ def transfer_options(cfg: SegmentConfig) -> dict:
     return dict(
         out_indices=list(cfg.out_indices),
         drop_path_rate=cfg.drop_path_rate,
+        add_fpn=cfg.add_fpn,
         use_relative_position_bias=cfg.use_relative_position_bias,
         layer_scale_init_value=cfg.layer_scale_init_value,
     )
@@ -408,7 +411,10 @@ def per_class_rows(per_class_iou: list, names: dict[int, str]) -> str:
 
 
 def pyramid_strides(model) -> list[float]:
-    patch = model.config.backbone_config.patch_size
+    backbone = model.config.backbone_config
+    patch = backbone.patch_size
+    if not backbone.add_fpn:  # one map per selected block, all at the patch stride
+        return [patch] * len(backbone.out_indices)
     return [patch / 4, patch / 2, patch, patch * 2]
 
 

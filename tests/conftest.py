@@ -13,6 +13,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    # marks of transformers' common tests (tests/test_modeling_transformers_common.py runs them); transformers
+    # registers them in its own conftest, which is not part of what we fetch
+    for mark in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test"):
+        config.addinivalue_line("markers", f"{mark}: a mark of transformers' common model tests")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

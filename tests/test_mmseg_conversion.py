@@ -35,7 +35,7 @@ def ours(image_size=(32, 48), seed=0, **backbone) -> MAEUperNetForSemanticSegmen
     backbone_config = MAEConfig(
         image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
         intermediate_size=64, out_indices=[1, 2, 3, 4], use_relative_position_bias=True, layer_scale_init_value=1.0,
-        **backbone,
+        add_fpn=True, **backbone,
     )
     model = MAEUperNetForSemanticSegmentation(
         MAEUperNetConfig(backbone_config=backbone_config, hidden_size=16, auxiliary_channels=8, num_labels=5)

@@ -551,6 +551,26 @@ def test_drop_path_only_in_training():
     assert not torch.allclose(model(x).last_hidden_state, model(x).last_hidden_state)
 
 
+@pytest.mark.parametrize("empty", ["meta_device", "init_empty_weights"])
+def test_models_build_on_the_meta_device(empty):
+    """Big-model loading and accelerate's FSDP `cpu_ram_efficient_loading` build the model with no storage;
+    nothing in `__init__` may read a tensor's values then. The stochastic-depth rates stay the linear ramp
+    0, r/(n-1), ..., r: for 4 blocks and r = 0.3, 0.1 apart."""
+    from accelerate import init_empty_weights
+
+    from modeling_mae.modeling_mae_backbone import MAEBackbone
+
+    config = tiny_config(num_hidden_layers=4, drop_path_rate=0.3, num_labels=3, out_indices=[2, 4], add_fpn=False)
+    context = torch.device("meta") if empty == "meta_device" else init_empty_weights(include_buffers=True)
+    with context:
+        models = [cls(config) for cls in (MAEModel, MAEForPreTraining, MAEForImageClassification, MAEBackbone)]
+    for model in models:
+        devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+        assert devices == {"meta"}, type(model).__name__
+    rates = [block.drop_path_rate for block in models[0].encoder.layer]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3], abs=1e-7)
+
+
 # --------------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------------

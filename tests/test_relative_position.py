@@ -24,7 +24,7 @@ def tiny(**overrides) -> MAEConfig:
     kwargs = dict(
         image_size=(16, 24), patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
         intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-        out_indices=[1, 2, 3, 4],
+        out_indices=[1, 2, 3, 4], add_fpn=True,
     )
     kwargs.update(overrides)
     return MAEConfig(**kwargs)

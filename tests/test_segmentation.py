@@ -53,7 +53,7 @@ def tiny_config(**overrides) -> MAEConfig:
     kwargs = dict(
         image_size=224, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
         intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-        out_indices=[1, 2, 3, 4],
+        out_indices=[1, 2, 3, 4], add_fpn=True,
     )
     kwargs.update(overrides)
     return MAEConfig(**kwargs)
@@ -100,8 +100,47 @@ def test_backbone_single_stage_feeds_all_levels():
     last = out.hidden_states[4][:, 1:].transpose(1, 2).reshape(1, 32, 4, 4)
     torch.testing.assert_close(out.feature_maps[2], last)
     torch.testing.assert_close(out.feature_maps[3], F.max_pool2d(last, 2))
-    with pytest.raises(ValueError, match="1 or 4 stages"):
-        MAEBackbone(tiny_config(out_indices=[2, 4]))
+    with pytest.raises(ValueError, match=r"`add_fpn=True` needs 4 stages .* or 1 .* got 2: \['stage2', 'stage4'\]"):
+        tiny_config(out_indices=[2, 4])
+    config = tiny_config(add_fpn=False, out_indices=[2, 4])
+    config.add_fpn = True  # set after validation: the backbone checks again
+    with pytest.raises(ValueError, match="`add_fpn=True` needs 4 stages"):
+        MAEBackbone(config)
+
+
+@pytest.mark.parametrize("out_indices", [[0, 2, 3], [3], [1, 2, 3, 4], [-2, -1]])
+def test_backbone_without_pyramid_returns_one_map_per_stage(out_indices):
+    """transformers' backbone contract (add_fpn off, the default): stage k's tokens as an (N, D, rows, cols)
+    map for each selected stage, in stage order; one `channels` entry (D) each."""
+    backbone = MAEBackbone(tiny_config(add_fpn=False, out_indices=out_indices)).eval()
+    assert backbone.pyramid is None and not any(k.startswith("pyramid.") for k in backbone.state_dict())
+    stages = [i % 5 for i in out_indices]  # stem + 4 blocks; -1 = the last block
+    assert backbone.out_features == [("stem" if i == 0 else f"stage{i}") for i in stages]
+    assert backbone.channels == [32] * len(out_indices)
+    with torch.no_grad():
+        out = backbone(torch.randn(2, 3, 96, 64), output_hidden_states=True)
+    assert len(out.feature_maps) == len(out_indices)
+    for feature_map, stage in zip(out.feature_maps, stages):
+        tokens = out.hidden_states[stage]  # (2, 1 + 6 * 4, 32): CLS first, patches row-major
+        assert feature_map.shape == (2, 32, 6, 4)
+        torch.testing.assert_close(feature_map[:, :, 1, 3], tokens[:, 1 + 1 * 4 + 3])  # row 1, column 3
+        torch.testing.assert_close(feature_map[:, :, 5, 0], tokens[:, 1 + 5 * 4 + 0])
+
+
+def test_upernet_config_saved_before_add_fpn_keeps_the_pyramid(tmp_path):
+    """A segmentation model saved before `add_fpn` existed (its backbone config has no such key, its weights
+    have `pyramid.*`) loads with the pyramid; a default MAEUperNetConfig has it too."""
+    model = MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=tiny_config(), **tiny_upernet_kwargs()))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["backbone_config"]["add_fpn"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    reloaded, info = MAEUperNetForSemanticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert reloaded.config.backbone_config.add_fpn and reloaded.backbone.pyramid is not None
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(reloaded.backbone.pyramid.fpn2[0].weight, model.backbone.pyramid.fpn2[0].weight)
+    assert MAEUperNetConfig().backbone_config.add_fpn
+    assert MAEUperNetConfig().backbone_config.out_indices == [4, 6, 8, 12]
 
 
 @pytest.mark.parametrize("source", ["pretraining", "encoder", "classifier"])
@@ -342,7 +381,7 @@ def test_segment_script_lowers_the_loss_and_exports(tmp_path):
 def test_segment_script_fine_tunes_a_pretraining_checkpoint(tmp_path):
     """`--model_name_or_path` of an MAEForPreTraining directory: its encoder is the backbone."""
     script = load_script()
-    pretrained = MAEForPreTraining(tiny_config(image_size=32, patch_size=8))
+    pretrained = MAEForPreTraining(tiny_config(image_size=32, patch_size=8, add_fpn=False))
     pretrained.save_pretrained(tmp_path / "pt")
     cfg = script.SegmentConfig(model_name_or_path=str(tmp_path / "pt"), data_dir="unused", num_labels=3,
                                out_indices=[1, 2, 3, 4], decoder_hidden_size=16, auxiliary_channels=8)
@@ -352,6 +391,7 @@ def test_segment_script_fine_tunes_a_pretraining_checkpoint(tmp_path):
         model.backbone.mae.encoder.layer[2].attention.qkv.weight, pretrained.mae.encoder.layer[2].attention.qkv.weight
     )
     assert model.config.backbone_config.drop_path_rate == 0.1 and model.config.num_labels == 3
+    assert model.config.backbone_config.add_fpn and model.backbone.pyramid is not None  # the script sets it
     with pytest.raises(ValueError, match="exactly one of"):
         script.SegmentConfig(model_name_or_path="x", model_preset="mae-tiny")
 

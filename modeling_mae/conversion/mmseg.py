@@ -101,6 +101,7 @@ def mmseg_configs(state_dict: dict, out_indices=None, image_size=None, **config_
         use_relative_position_bias=True,
         layer_scale_init_value=1.0,  # the ADE20K recipe's init_values; the checkpoint's gammas replace it
         out_indices=list(out_indices),
+        add_fpn=True,  # mmsegmentation's neck (Feature2Pyramid) is our simple feature pyramid
     )
     if image_size is None:
         backbone["image_size"] = [grid[0] * backbone["patch_size"], grid[1] * backbone["patch_size"]]
