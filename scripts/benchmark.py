@@ -599,7 +599,64 @@ def bench_inference(args, device, dtype) -> list[Row]:
 
 
 # --------------------------------------------------------------------------------------------------
-PARTS = {"train": bench_train, "masking": bench_masking, "pipeline": bench_pipeline, "inference": bench_inference}
+# Part 5: the attention kernel (what the model's default attention chooses from)
+# --------------------------------------------------------------------------------------------------
+ATTENTION_SHAPES = {  # (tokens, heads, head width, queries) of ViT-B/16 MAE at mask ratio 0.75
+    "encoder": (50, 12, 64, 50),
+    "decoder": (197, 16, 32, 197),  # every block but the last: every token is a query
+    "decoder last block": (197, 16, 32, 147),  # predict_masked_only: the removed patches' queries only
+}
+
+
+def bench_attention(args, device, dtype) -> list[Row]:
+    """The attention core alone (q k^T, softmax, @ v; no projections), explicit batched matmuls
+    (`eager_attention_forward`) vs torch's SDPA, at the model's shapes, batch 16: forward + backward
+    (training) and forward only (inference). The measurements behind `prefer_eager_attention`."""
+    from modeling_mae.modeling_mae import eager_attention_forward, prefer_eager_attention, sdpa_attention_forward
+
+    batch = 2 if args.quick else 16
+    reps = args.reps or (2 if args.quick else 15)
+    module = nn.Module()  # the functions read only `.training`
+    rows = []
+    for name, (tokens, heads, width, queries) in ATTENTION_SHAPES.items():
+        if args.quick:
+            tokens, queries = tokens // 4, queries // 4
+        for backward in (True, False):
+            qkv = torch.randn(batch, tokens, 3, heads, width, device=device, dtype=dtype, requires_grad=backward)
+
+            def call(attend):
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # the model's layout: views of one qkv output
+                out, _ = attend(module, q[:, :, tokens - queries:], k, v, None, scaling=width**-0.5)
+                return q, k, out.reshape(batch, queries, heads * width)
+
+            def step(attend):
+                def run():
+                    if backward:
+                        call(attend)[2].sum().backward()
+                        qkv.grad = None
+                    else:
+                        with torch.inference_mode():
+                            call(attend)
+                return run
+
+            times = interleaved({"eager": step(eager_attention_forward), "sdpa": step(sdpa_attention_forward)},
+                                reps, 2, device)
+            t_eager, t_sdpa = median(times["eager"]), median(times["sdpa"])
+            with torch.set_grad_enabled(backward):
+                q, k, _ = call(eager_attention_forward)
+                chosen = "eager" if prefer_eager_attention(q, k) else "sdpa"
+            rows.append(Row(
+                f"attention {'fwd+bwd' if backward else 'forward'}, {name} ({queries} queries x {tokens} keys x "
+                f"{heads} heads x {width}, batch {batch}, {args.dtype})", 1e3 * t_eager, 1e3 * t_sdpa,
+                "ms eager / sdpa", t_sdpa / t_eager,
+                note=f"ratio > 1: explicit matmuls faster; the model's default uses {chosen}",
+            ))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+PARTS = {"train": bench_train, "masking": bench_masking, "pipeline": bench_pipeline, "inference": bench_inference,
+         "attention": bench_attention}
 
 
 def parse_args(argv=None):
