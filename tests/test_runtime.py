@@ -92,3 +92,12 @@ def test_measured_peak_is_a_gemm_rate():
     """2 n^3 FLOPs over the best time: positive and below 100 TFLOP/s on any CPU."""
     flops = runtime.measure_matmul_flops(torch.device("cpu"), torch.float32, n=256, reps=1)
     assert 1e8 < flops < 1e14
+
+
+def test_measuring_the_peak_leaves_the_global_random_stream_alone():
+    """Measured at the start of a run and again after a resume: it must not shift the masking noise."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    runtime.measure_matmul_flops(torch.device("cpu"), torch.float32, n=64, reps=1)
+    torch.testing.assert_close(torch.rand(3), expected)

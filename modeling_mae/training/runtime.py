@@ -180,8 +180,10 @@ PEAK_BF16_FLOPS = {
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 3) -> float:
     """FLOP/s of an n^3 GEMM in `dtype` on `device` (best of `reps` after one warm-up): the practical
     matrix-multiply peak, where no data-sheet figure is known (CPUs, unknown GPUs)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # a private generator: the run's random streams (masking noise, resumed RNG state) stay untouched
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
     best = float("inf")
     for _ in range(reps + 1):
         if device.type == "cuda":
