@@ -15,6 +15,7 @@ This file only imports torch and transformers (and its siblings in this package)
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -32,7 +33,10 @@ from transformers.utils import ModelOutput
 from .configuration_mae import MAEConfig
 from .masking import make_noise, random_masking
 from .pos_embed import interpolate_pos_embed, sincos_2d
+from .relative_position import MAERelativePositionBias
 
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -261,25 +265,20 @@ class MAEAttention(nn.Module):
         x: torch.Tensor,
         output_attentions: bool = False,
         first_query: int = 0,
-        attention_mask: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
     ):
         """x: (N, T, D) -> (N, T - first_query, D), and (N, heads, T - first_query, T) weights when
         `output_attentions`. Every token is a key; only tokens from `first_query` on are queries.
-
-        `attention_mask`: optional additive bias broadcastable to (N, heads, T, T) (e.g. a relative
-        position bias); its query rows before `first_query` are dropped here."""
+        `attention_bias` (heads, T - first_query, T), optional: added to the scaled logits before the
+        softmax (the relative position bias; an additive mask for SDPA)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
         q = q[:, :, first_query:]
-        if attention_mask is not None:
-            if attention_mask.shape[-2] == tokens and first_query:
-                attention_mask = attention_mask[..., first_query:, :]
-            attention_mask = attention_mask.to(q.dtype)
+        # (heads, Tq, T) -> (1, heads, Tq, T): the additive mask of transformers' attention functions
+        bias = attention_bias.to(q.dtype).unsqueeze(0) if attention_bias is not None else None
         attend = attention_function(self.config, output_attentions)
-        out, weights = attend(
-            self, q, k, v, attention_mask, scaling=self.scale, dropout=self.attn_drop if self.training else 0.0
-        )
+        out, weights = attend(self, q, k, v, bias, scaling=self.scale, dropout=self.attn_drop if self.training else 0.0)
         out = out.reshape(batch, tokens - first_query, dim)  # (N, Tq, heads, head_dim) -> (N, Tq, D)
         return self.proj_drop(self.proj(out)), (weights if output_attentions else None)
 
@@ -297,9 +296,21 @@ class MAEMLP(nn.Module):
 
 
 class MAELayer(GradientCheckpointingLayer):
-    """Pre-norm ViT block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """Pre-norm ViT block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
 
-    def __init__(self, config: MAEConfig, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float = 0.0):
+    Transfer options (encoder blocks only, see `MAEConfig`): a relative position bias table added to the
+    attention logits (`relative_position_bias`), and layer scale, x + DropPath(gamma_1 * Attn(LN(x))) and
+    x + DropPath(gamma_2 * MLP(LN(x))) with per-channel `layer_scale_1` / `layer_scale_2`."""
+
+    def __init__(
+        self,
+        config: MAEConfig,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        drop_path_rate: float = 0.0,
+        transfer_options: bool = False,
+    ):
         super().__init__()
         self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attention = MAEAttention(
@@ -308,21 +319,35 @@ class MAELayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = MAEMLP(dim, mlp_dim, config.hidden_act, config.hidden_dropout_prob)
         self.drop_path_rate = drop_path_rate
+        use_bias = transfer_options and config.use_relative_position_bias
+        self.relative_position_bias = MAERelativePositionBias(config.grid_size, num_heads) if use_bias else None
+        use_scale = transfer_options and config.layer_scale_init_value > 0
+        self.layer_scale_1 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value))) if use_scale else None
+        self.layer_scale_2 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value))) if use_scale else None
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         output_attentions: bool = False,
         first_query: int = 0,
-        attention_mask: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ):
         """(N, T, D) -> (N, T - first_query, D): tokens before `first_query` are attended to but not updated.
-        `attention_mask`: optional additive attention bias, see `MAEAttention.forward`."""
+        `grid`: the (rows, cols) patch grid of the T - 1 patch tokens, needed by the relative position bias."""
+        bias = None
+        if self.relative_position_bias is not None:
+            if grid is None:
+                raise ValueError("a block with a relative position bias needs the patch grid (`grid=(rows, cols)`)")
+            bias = self.relative_position_bias(grid)[:, first_query:]
         attn_out, weights = self.attention(
-            self.layernorm_before(hidden_states), output_attentions, first_query, attention_mask
+            self.layernorm_before(hidden_states), output_attentions, first_query, attention_bias=bias
         )
+        if self.layer_scale_1 is not None:
+            attn_out = self.layer_scale_1 * attn_out
         hidden_states = hidden_states[:, first_query:] + drop_path(attn_out, self.drop_path_rate, self.training)
         mlp_out = self.mlp(self.layernorm_after(hidden_states))
+        if self.layer_scale_2 is not None:
+            mlp_out = self.layer_scale_2 * mlp_out
         hidden_states = hidden_states + drop_path(mlp_out, self.drop_path_rate, self.training)
         return hidden_states, weights
 
@@ -330,17 +355,23 @@ class MAELayer(GradientCheckpointingLayer):
 class MAEEncoder(nn.Module):
     def __init__(self, config: MAEConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # stochastic depth rising linearly to drop_path_rate, computed in Python: a tensor (torch.linspace)
+        # would be created on the meta device under `with torch.device("meta")` and cannot be read back
+        n = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
         self.layer = nn.ModuleList(
-            MAELayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
+            MAELayer(
+                config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate,
+                transfer_options=True,
+            )
             for rate in rates
         )
 
-    def forward(self, hidden_states, output_attentions=False, output_hidden_states=False):
+    def forward(self, hidden_states, output_attentions=False, output_hidden_states=False, grid=None):
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         for block in self.layer:
-            hidden_states, weights = block(hidden_states, output_attentions)
+            hidden_states, weights = block(hidden_states, output_attentions, grid=grid)
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden_states,)
             if output_attentions:
@@ -421,6 +452,29 @@ class MAEDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Pretrained base
 # --------------------------------------------------------------------------------------------------
+TRANSFER_ONLY_PARAMETERS = ("relative_position_bias_table", "layer_scale_1", "layer_scale_2")
+
+
+def is_transfer_only(name: str) -> bool:
+    """Parameters no MAE pretraining checkpoint has: relative position tables and layer-scale gammas."""
+    return name.rsplit(".", 1)[-1] in TRANSFER_ONLY_PARAMETERS
+
+
+def log_new_transfer_parameters(missing_keys, config: MAEConfig) -> list[str]:
+    """One log line when a checkpoint lacked the transfer-only parameters: they keep their start values
+    (tables zero, gammas `layer_scale_init_value`), with which the encoder computes exactly what the
+    plain ViT computes. Returns those keys."""
+    new = sorted(k for k in missing_keys if is_transfer_only(k))
+    if new:
+        tables = sum(k.endswith("relative_position_bias_table") for k in new)
+        logger.info(
+            "checkpoint without transfer-only parameters: %d relative position bias table(s) start at zero and "
+            "%d layer-scale gamma(s) at %s (the plain ViT's output until they are trained)",
+            tables, len(new) - tables, config.layer_scale_init_value,
+        )
+    return new
+
+
 class MAEPreTrainedModel(PreTrainedModel):
     config_class = MAEConfig
     base_model_prefix = "mae"
@@ -454,12 +508,12 @@ class MAEPreTrainedModel(PreTrainedModel):
         self.config._attn_implementation_autoset = False
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
         # loading re-creates parameters with requires_grad=True: restore the fixed tables' freeze
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model.set_position_embeddings_trainable()
-        return loaded
+        log_new_transfer_parameters(info["missing_keys"], model.config)
+        return (model, info) if output_loading_info else model
 
     def set_position_embeddings_trainable(self, trainable: bool | None = None):
         """Freeze the decoder's table always, and the encoder's unless `trainable` (default: the class's rule)."""
@@ -472,7 +526,10 @@ class MAEPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        """The official MAE initialisation (also applied to keys missing from a loaded checkpoint)."""
+        """The official MAE initialisation (also applied to keys missing from a loaded checkpoint):
+        Linear xavier-uniform with zero bias (classifier heads: truncated normal, std 2e-5 fine-tuning /
+        0.01 linear probe); patch projection xavier-uniform on its flattened weight with PyTorch's default
+        Conv2d bias U(+-1/sqrt(fan_in)); CLS / mask token N(0, 0.02); LayerNorm 1/0; fixed sin-cos tables."""
         if isinstance(module, nn.Linear):
             head_std = getattr(module, "_mae_head_std", None)
             if head_std is not None:  # classifier: truncated normal as in the official fine-tune / probe
@@ -485,8 +542,9 @@ class MAEPreTrainedModel(PreTrainedModel):
             # (initialised at the Conv2d itself: transformers skips param-less modules of remote code)
             if not getattr(module.weight, "_is_hf_initialized", False):  # a view loses the flag: check here
                 nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-            if module.bias is not None:
-                init.zeros_(module.bias)
+            if module.bias is not None:  # the official code keeps PyTorch's Conv2d default: U(+-1/sqrt(fan_in))
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
             if module.weight is not None:
                 init.ones_(module.weight)
@@ -500,6 +558,11 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.normal_(module.cls_token, std=self.config.initializer_range)
             table = sincos_2d(self.config.hidden_size, self.config.grid_size).unsqueeze(0)
             init.copy_(module.position_embeddings, table.to(module.position_embeddings.dtype))
+        elif isinstance(module, MAERelativePositionBias):  # transfer-only: starts as "no bias" (paper, A.4)
+            init.zeros_(module.relative_position_bias_table)
+        elif isinstance(module, MAELayer) and module.layer_scale_1 is not None:
+            init.constant_(module.layer_scale_1, float(self.config.layer_scale_init_value))
+            init.constant_(module.layer_scale_2, float(self.config.layer_scale_init_value))
         elif isinstance(module, MAEDecoder):
             init.normal_(module.mask_token, std=self.config.initializer_range)
             table = sincos_2d(self.config.decoder_hidden_size, self.config.grid_size).unsqueeze(0)
@@ -508,7 +571,7 @@ class MAEPreTrainedModel(PreTrainedModel):
     # ---- what optimizers and layer decay ask the model (timm's interface) ------------------------
     def no_weight_decay(self) -> set[str]:
         """Names of parameters kept out of weight decay besides biases and norms (dim < 2)."""
-        names = {"cls_token", "position_embeddings", "mask_token", "decoder_pos_embed"}
+        names = {"cls_token", "position_embeddings", "mask_token", "decoder_pos_embed", "relative_position_bias_table"}
         return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in names}
 
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -533,16 +596,15 @@ class MAEPreTrainedModel(PreTrainedModel):
         return self.config.num_hidden_layers + 1
 
     # ---- every saved model directory carries its image processor ---------------------------------
-    def default_image_processor(self):
-        """transformers' ViTImageProcessor sized to the model, ImageNet mean/std, bicubic resize."""
-        from transformers import ViTImageProcessor
-        from transformers.image_utils import PILImageResampling
+    def default_image_processor(self, crop_pct: float | None = None):
+        """`MAEImageProcessor` sized to the model: the training scripts' evaluation transform (shorter
+        side to size / crop_pct, bicubic, centre crop; crop_pct 0.875 unless given), ImageNet mean/std."""
+        from .image_processing_mae import DEFAULT_CROP_PCT, MAEImageProcessor
 
         height, width = self.config.image_hw
-        return ViTImageProcessor(
-            do_resize=True,
+        return MAEImageProcessor(
             size={"height": height, "width": width},
-            resample=PILImageResampling.BICUBIC,
+            crop_pct=DEFAULT_CROP_PCT if crop_pct is None else crop_pct,
             image_mean=list(IMAGENET_DEFAULT_MEAN),
             image_std=list(IMAGENET_DEFAULT_STD),
         )
@@ -631,12 +693,17 @@ class MAEModel(MAEPreTrainedModel):
             ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"`mask_ratio` must be in [0, 1), got {ratio!r}")
+            if self.config.use_relative_position_bias:
+                raise ValueError(
+                    "`use_relative_position_bias` is a transfer option (the bias needs every patch of the grid); "
+                    "it cannot be combined with masking (`noise` / `mask_ratio`)"
+                )
             if noise is None:
                 noise = make_noise(self.config.mask_strategy, x.shape[0], grid, ratio, device=x.device)
             x, mask, ids_restore, _ = random_masking(x, noise.to(x.device), ratio)
         x = torch.cat([cls, x], dim=1)
 
-        hidden, all_hidden, all_attn = self.encoder(x, output_attentions, output_hidden_states)
+        hidden, all_hidden, all_attn = self.encoder(x, output_attentions, output_hidden_states, grid=grid)
         sequence_output = self.layernorm(hidden) if self.layernorm is not None else hidden
         pooled = self.pool(hidden, sequence_output) if self.add_pooling_layer else None
 

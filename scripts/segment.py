@@ -40,10 +40,18 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from modeling_mae import MAEBackbone, MAEConfig, MAEModel, MAEUperNetConfig, MAEUperNetForSemanticSegmentation
+from modeling_mae.conversion.convert import interpolate_positions
+from modeling_mae.modeling_mae import is_transfer_only, log_new_transfer_parameters
 from modeling_mae.training.checkpoint import CheckpointManager
 from modeling_mae.training.config import parse_config, to_dict, to_yaml
 from modeling_mae.training.export import HubPushError, push_to_hub
-from modeling_mae.training.model_loading import is_official_checkpoint, load_pretrained
+from modeling_mae.training.model_loading import (
+    checkpoint_format,
+    checkpoint_options,
+    is_official_checkpoint,
+    load_pretrained,
+    read_config_json,
+)
 from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups
 from modeling_mae.training.runtime import make_accelerator
 from modeling_mae.training.segmentation_data import (
@@ -77,8 +85,16 @@ class SegmentConfig:
     # MAEConfig fields for `model_preset` ({num_hidden_layers: 4}) or for converting an official .pth whose
     # width is not a published one ({num_attention_heads: 2})
     model_config: dict = field(default_factory=dict)
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     out_indices: list[int] = field(default_factory=lambda: [4, 6, 8, 12])  # blocks feeding strides 4/8/16/32
     drop_path_rate: float = 0.1
+    # BEiT's relative position bias (zero-initialised, transfer-only) and layer scale (gammas starting at
+    # this value; 0 = none), as mmsegmentation's MAE backbone: the ADE20K config turns both on
+    use_relative_position_bias: bool = False
+    layer_scale_init_value: float = 0.0
     decoder_hidden_size: int = 768  # UperNet channels (UperNetConfig.hidden_size)
     use_auxiliary_head: bool = True
     auxiliary_channels: int = 256
@@ -97,6 +113,7 @@ class SegmentConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     preprocessing_num_workers: int = 4
+    max_corrupt_fraction: float = 0.1  # stop when more than this share of the images read cannot be decoded
     # ---- augmentation ----------------------------------------------------------------------------
     crop_size: int = 512
     base_scale: list[int] = field(default_factory=lambda: [2048, 512])
@@ -176,19 +193,53 @@ def label_names(cfg: SegmentConfig) -> dict[int, str]:
     return names
 
 
+def transfer_options(cfg: SegmentConfig) -> dict:
+    """MAEConfig fields the segmentation recipe sets on the pretrained encoder."""
+    return dict(
+        out_indices=list(cfg.out_indices),
+        drop_path_rate=cfg.drop_path_rate,
+        use_relative_position_bias=cfg.use_relative_position_bias,
+        layer_scale_init_value=cfg.layer_scale_init_value,
+    )
+
+
 def load_backbone(cfg: SegmentConfig) -> MAEBackbone:
-    """The encoder of any MAE checkpoint (pretraining, encoder or classifier; ours, converted or official)."""
-    overrides = dict(out_indices=list(cfg.out_indices), drop_path_rate=cfg.drop_path_rate)
-    if is_official_checkpoint(cfg.model_name_or_path):  # the converter builds an MAEModel; move its blocks over
-        encoder = load_pretrained(MAEModel, cfg.model_name_or_path, **cfg.model_config)
+    """The encoder of any MAE checkpoint (pretraining, encoder or classifier; ours, or converted on the fly
+    from an official .pth, a transformers ViTMAE or a timm model: `load_pretrained`).
+
+    Relative position tables and layer-scale gammas the checkpoint lacks start at zero and at
+    `layer_scale_init_value` (logged once). With the relative position bias on, the backbone is rebuilt
+    at the crop size, as mmsegmentation builds its MAE backbone at `img_size=(512, 512)`: the tables
+    then train at the grid they are used at, and the position table is resized once here instead of
+    at every forward."""
+    overrides = transfer_options(cfg)
+    fmt, _ = checkpoint_format(cfg.model_name_or_path)
+    if fmt != "ours" or checkpoint_options(cfg):  # converted (or resized) as an MAEModel; move its blocks over
+        encoder = load_pretrained(MAEModel, cfg.model_name_or_path, **{**cfg.model_config, **checkpoint_options(cfg)})
         backbone = MAEBackbone(MAEConfig.from_dict({**encoder.config.to_dict(), "out_features": None, **overrides}))
         missing = backbone.mae.load_state_dict(encoder.state_dict(), strict=False).missing_keys
+        missing = [k for k in missing if k not in log_new_transfer_parameters(missing, backbone.config)]
     else:
         backbone, info = MAEBackbone.from_pretrained(cfg.model_name_or_path, output_loading_info=True, **overrides)
-        missing = [k for k in info["missing_keys"] if not k.startswith("pyramid.")]
+        missing = [k for k in info["missing_keys"] if not k.startswith("pyramid.") and not is_transfer_only(k)]
     if missing:
         raise ValueError(f"{cfg.model_name_or_path!r} is not an MAE encoder checkpoint: missing {sorted(missing)[:5]}")
+    if cfg.use_relative_position_bias:
+        backbone = backbone_at_size(backbone, cfg.crop_size)
     return backbone
+
+
+def backbone_at_size(backbone: MAEBackbone, image_size: int) -> MAEBackbone:
+    """The same backbone built for `image_size` inputs: position and relative position tables resized."""
+    source_grid = backbone.config.grid_size
+    config = MAEConfig.from_dict({**backbone.config.to_dict(), "image_size": image_size, "out_features": None,
+                                  "out_indices": list(backbone.config.out_indices)})
+    if config.grid_size == source_grid:
+        return backbone
+    resized = MAEBackbone(config)
+    resized.load_state_dict(interpolate_positions(backbone.state_dict(), source_grid, config.grid_size), strict=True)
+    resized.set_position_embeddings_trainable()
+    return resized
 
 
 def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
@@ -202,13 +253,11 @@ def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
         loss_ignore_index=IGNORE_INDEX,
     )
     if cfg.model_preset is not None:
-        overrides = {**cfg.model_config, "out_indices": list(cfg.out_indices), "drop_path_rate": cfg.drop_path_rate}
+        overrides = {**cfg.model_config, **transfer_options(cfg)}
         backbone_config = MAEConfig.from_preset(cfg.model_preset, **overrides)
         return MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=backbone_config, **heads, **labels))
     if not is_official_checkpoint(cfg.model_name_or_path):
-        from transformers import AutoConfig
-
-        if AutoConfig.from_pretrained(cfg.model_name_or_path).model_type in ("mae_upernet", "upernet"):
+        if read_config_json(cfg.model_name_or_path).get("model_type") in ("mae_upernet", "upernet"):
             return MAEUperNetForSemanticSegmentation.from_pretrained(cfg.model_name_or_path, **labels)
     backbone = load_backbone(cfg)
     model = MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=backbone.config, **heads, **labels))
@@ -256,7 +305,9 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
     )
     patch = accelerator.unwrap_model(model).config.backbone_config.patch_size
     areas = torch.zeros(4, cfg.num_labels, dtype=torch.float64, device=accelerator.device)
+    skipped = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for batch in loader:
+        skipped += batch["num_skipped"]
         for pixels, label in zip(batch["pixel_values"], batch["labels"]):
             pixel_values = normalize_on_device(pixels[None].to(accelerator.device))
             with accelerator.autocast():
@@ -268,9 +319,15 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
             parts = mean_iou.intersect_and_union(prediction, label.numpy(), cfg.num_labels, IGNORE_INDEX)
             areas += torch.from_numpy(np.stack(parts)).to(areas)
     areas = accelerator.reduce(areas, reduction="sum").cpu().numpy()
+    num_skipped = int(accelerator.reduce(skipped, reduction="sum"))
+    if num_skipped > cfg.max_corrupt_fraction * len(dataset):
+        raise ValueError(f"{num_skipped} of the {len(dataset)} evaluation images cannot be decoded, more than "
+                         f"max_corrupt_fraction={cfg.max_corrupt_fraction}")
     model.train()
     results = mean_iou.metrics_from_areas(*areas)
-    return {k: v for k, v in results.items() if not isinstance(v, np.ndarray)}
+    per_class = [None if np.isnan(v) else float(v) for v in results["per_category_iou"]]  # None: class absent
+    return {**{k: v for k, v in results.items() if not isinstance(v, np.ndarray)}, "per_category_iou": per_class,
+            "num_unreadable": num_skipped}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +347,7 @@ ViT encoder, fine-tuned with `scripts/segment.py` of modeling_mae on **{{ datase
 |---|---|
 | best mIoU | {{ best_miou }} (step {{ best_step }}) |
 | mean accuracy / overall accuracy | {{ best_macc }} / {{ best_aacc }} |
+| aAcc / mIoU / mAcc (%, as mmsegmentation reports) | {{ best_aacc_pct }} / {{ best_miou_pct }} / {{ best_macc_pct }} |
 | evaluation | {{ eval_mode }}, crop {{ crop_size }} |
 | training | {{ steps }} iterations, batch {{ effective_batch }}, lr {{ lr }}, layer decay {{ layer_decay }} |
 
@@ -301,6 +359,12 @@ processor = AutoImageProcessor.from_pretrained("{{ repo_id }}")
 model = AutoModelForSemanticSegmentation.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 logits = model(**processor(images=image, return_tensors="pt")).logits  # (1, {{ num_labels }}, H, W)
 ```
+
+Per-class IoU at the best step (%; "-" = class in neither predictions nor annotations):
+
+| class | IoU |
+|---|---|
+{{ per_class_rows }}
 
 The resolved run config:
 
@@ -334,6 +398,13 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
         repo_id=cfg.hub_model_id or cfg.output_dir, config_yaml=to_yaml(cfg), **card_values,
     )
     card.save(out / "README.md")
+
+
+def per_class_rows(per_class_iou: list, names: dict[int, str]) -> str:
+    """Markdown rows `| name | IoU % |` for the model card."""
+    return "\n".join(
+        f"| {names.get(i, i)} | {'-' if iou is None else f'{100 * iou:.2f}'} |" for i, iou in enumerate(per_class_iou)
+    )
 
 
 def pyramid_strides(model) -> list[float]:
@@ -445,19 +516,24 @@ def main(argv=None) -> dict:
         results = evaluate(model, eval_set, accelerator, cfg, mean_iou)
         step = state["step"]
         state["history"].append({"step": step, **results})
-        logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f", step, results["mean_iou"],
-                    results["mean_accuracy"], results["overall_accuracy"])
-        accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+        logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f%s", step, results["mean_iou"],
+                    results["mean_accuracy"], results["overall_accuracy"],
+                    f"  ({results['num_unreadable']} unreadable images skipped)" if results["num_unreadable"] else "")
+        accelerator.log({f"eval/{k}": v for k, v in results.items() if not isinstance(v, list)}, step=step)
         if state["best_miou"] is None or results["mean_iou"] > state["best_miou"]:
             state.update(best_miou=results["mean_iou"], best_step=step, best=results)
             export(model, accelerator, cfg, card_values=dict(
                 best_miou=f"{results['mean_iou']:.4f}", best_step=step, best_macc=f"{results['mean_accuracy']:.4f}",
                 best_aacc=f"{results['overall_accuracy']:.4f}", steps=step, effective_batch=effective_batch,
+                best_aacc_pct=f"{results['aAcc']:.2f}", best_miou_pct=f"{results['mIoU']:.2f}",
+                best_macc_pct=f"{results['mAcc']:.2f}",
+                per_class_rows=per_class_rows(results["per_category_iou"], label_names(cfg)),
             ))
 
     # ---- loop ------------------------------------------------------------------------------------
     model.train()
     running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
+    skipped_local = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # since the last log line
     while state["step"] < cfg.max_train_steps:
         epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
         sampler_generator.manual_seed(cfg.seed * 100_003 + epoch)  # the same permutation on every process, every run
@@ -465,6 +541,7 @@ def main(argv=None) -> dict:
         skip = done_in_epoch * cfg.gradient_accumulation_steps
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in loader:
+            skipped_local += batch["num_skipped"]  # unreadable training images replaced by the next readable ones
             with accelerator.accumulate(model):
                 pixel_values = normalize_on_device(batch["pixel_values"])
                 loss = model(pixel_values=pixel_values, labels=batch["labels"]).loss
@@ -489,6 +566,13 @@ def main(argv=None) -> dict:
                             logs["train/loss"], logs["train/lr"], logs["train/images_per_s"])
                 accelerator.log(logs, step=step)
                 state.setdefault("train_loss", []).append([step, logs["train/loss"]])
+                state["unreadable_train_reads"] = state.get("unreadable_train_reads", 0) + int(
+                    accelerator.reduce(skipped_local, reduction="sum"))
+                skipped_local.zero_()
+                read = step * effective_batch
+                if state["unreadable_train_reads"] > cfg.max_corrupt_fraction * read:
+                    raise ValueError(f"{state['unreadable_train_reads']} of the {read} training images read could not "
+                                     f"be decoded, more than max_corrupt_fraction={cfg.max_corrupt_fraction}")
                 running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
             if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_train_steps:
                 run_evaluation()
@@ -499,7 +583,8 @@ def main(argv=None) -> dict:
 
     # ---- results ---------------------------------------------------------------------------------
     summary = {"step": state["step"], "best_step": state["best_step"], "best": state["best"],
-               "history": state["history"], "train_loss": state.get("train_loss", [])}
+               "history": state["history"], "train_loss": state.get("train_loss", []),
+               "unreadable_train_reads": state.get("unreadable_train_reads", 0)}
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "eval_results.json").write_text(json.dumps(summary, indent=2))

@@ -18,8 +18,10 @@ un-normalised by its original patch's statistics, and the caption says so.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -28,7 +30,7 @@ from modeling_mae import MAEForPreTraining
 from modeling_mae.configuration_mae import MASK_STRATEGIES
 from modeling_mae.training.classification_data import load_map_dataset
 from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.model_loading import load_pretrained
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained
 from modeling_mae.training.transforms import EvalTransform
 from modeling_mae.training.visualization import save_reconstruction_png
 
@@ -41,6 +43,10 @@ class VisualizeConfig:
     """Reconstruction grids of a pretrained MAE."""
 
     model_name_or_path: str = ""
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     images: list[str] = field(default_factory=list)  # image files and/or folders (searched recursively)
     dataset_name: str | None = None
     dataset_config_name: str | None = None
@@ -89,22 +95,38 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 def load_images(cfg: VisualizeConfig) -> list[Image.Image]:
+    """The images to show, upright (EXIF orientation) and RGB; an unreadable one is skipped with a
+    warning naming its file (or dataset row), never a crash."""
+    from modeling_mae.training.classification_data import describe_example
+    from modeling_mae.training.data import CorruptImageError, decode_image
+
     if cfg.images:
         files = image_files(cfg.images)
-        files = files[: cfg.num_images] if cfg.num_images > 0 else files
-        return [Image.open(f) for f in files]
-    from modeling_mae.training.data import decode_image
-
-    source, image_column, _ = load_map_dataset(cfg.dataset_name, cfg.split, cfg.dataset_config_name, cfg.image_column)
-    count = min(len(source), cfg.num_images) if cfg.num_images > 0 else len(source)
-    return [decode_image(source[i][image_column]) for i in range(count)]
+        cells = [(str(f), f) for f in (files[: cfg.num_images] if cfg.num_images > 0 else files)]
+    else:
+        source, image_column, _ = load_map_dataset(cfg.dataset_name, cfg.split, cfg.dataset_config_name,
+                                                   cfg.image_column)
+        count = min(len(source), cfg.num_images) if cfg.num_images > 0 else len(source)
+        cells = [(describe_example(source, i, image_column), source[i][image_column]) for i in range(count)]
+    images, skipped = [], []
+    for name, cell in cells:
+        try:
+            images.append(decode_image(cell))
+        except CorruptImageError as err:
+            skipped.append(name)
+            print(f"skipped an unreadable image: {name} ({err})", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) of {len(cells)}", file=sys.stderr)
+    if not images:
+        raise ValueError(f"none of the {len(cells)} images can be decoded: {skipped[:5]}")
+    return images
 
 
 def main(argv=None) -> list[Path]:
     cfg = parse_config(VisualizeConfig, argv)
     cfg.check_required()
     print(to_yaml(cfg))
-    model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path).eval()
+    model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path, **checkpoint_options(cfg)).eval()
     transform = EvalTransform(model.config.image_hw, crop_pct=cfg.eval_crop_pct)
     batch = torch.stack([transform(image) for image in load_images(cfg)])  # uint8 (N, 3, H, W)
 

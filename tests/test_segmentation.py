@@ -267,6 +267,10 @@ def test_mean_iou_matches_hand_computed_values():
     assert result["mean_iou"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 3) / 3)
     assert result["mean_accuracy"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     assert result["overall_accuracy"] == pytest.approx(6 / 8)
+    # mmsegmentation's columns, in percent
+    assert result["aAcc"] == pytest.approx(75.0)
+    assert result["mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 2 / 3) / 3)
+    assert result["mAcc"] == pytest.approx(100 * (2 / 3 + 2 / 3 + 1) / 3)
 
     # areas are summed over images before dividing (not a mean of per-image IoUs)
     metric.add_batch(predictions=[np.zeros((2, 2), int)], references=[np.zeros((2, 2), int)])
@@ -326,7 +330,13 @@ def test_segment_script_lowers_the_loss_and_exports(tmp_path):
     assert (out / "checkpoints" / "step_32" / "trainer_state.json").is_file()
     reloaded = MAEUperNetForSemanticSegmentation.from_pretrained(out)
     assert reloaded.config.num_labels == 3 and reloaded.config.backbone_config.out_indices == [1, 2, 3, 4]
-    assert (out / "preprocessor_config.json").is_file() and "mIoU" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (out / "preprocessor_config.json").is_file() and "mIoU" in card
+    assert "aAcc / mIoU / mAcc" in card and "| class | IoU |" in card
+    per_class = summary["best"]["per_category_iou"]
+    assert len(per_class) == 3 and all(f"| {i} | " in card for i in range(3))
+    present = [v for v in per_class if v is not None]
+    assert summary["best"]["mIoU"] == pytest.approx(100 * sum(present) / len(present))
 
 
 def test_segment_script_fine_tunes_a_pretraining_checkpoint(tmp_path):
@@ -386,3 +396,28 @@ def test_segment_script_loads_an_official_checkpoint(tmp_path):
     for key, value in pretrained.mae.state_dict().items():
         if not key.startswith("layernorm."):  # the backbone has no final norm
             torch.testing.assert_close(backbone.mae.state_dict()[key], value, msg=key)
+
+
+def test_unreadable_segmentation_images_are_skipped_and_counted(tmp_path):
+    """A zero-byte training JPEG is replaced by the next example (its index is reported); a truncated
+    validation JPEG is left out of the evaluation batch and counted."""
+    from modeling_mae.training.segmentation_data import collate_eval, collate_train
+
+    write_synthetic_ade_folder(tmp_path, num_train=3, num_val=2, size=32, num_classes=3)
+    (tmp_path / "images/training/ADE_training_00000001.jpg").write_bytes(b"")
+    val_file = tmp_path / "images/validation/ADE_validation_00000000.jpg"
+    val_file.write_bytes(val_file.read_bytes()[:100])
+    train = SegmentationDataset(load_segmentation_split("train", data_dir=str(tmp_path)),
+                                transform=lambda image, label, seed=None: (torch.zeros(3, 4, 4, dtype=torch.uint8),
+                                                                           torch.from_numpy(label)), train=True)
+    item = train[1]
+    assert item["skipped"] == [1]
+    direct = SegmentationDataset(load_segmentation_split("train", data_dir=str(tmp_path)),
+                                 transform=lambda image, label, seed=None: (torch.zeros(3, 4, 4, dtype=torch.uint8),
+                                                                            torch.from_numpy(label)), train=True)[2]
+    assert torch.equal(item["labels"], direct["labels"])  # example 2 stands in
+    assert int(collate_train([train[0], item])["num_skipped"]) == 1
+    val = SegmentationDataset(load_segmentation_split("validation", data_dir=str(tmp_path)),
+                              transform=lambda image: torch.zeros(3, 4, 4, dtype=torch.uint8), train=False)
+    batch = collate_eval([val[0], val[1]])
+    assert len(batch["pixel_values"]) == 1 and batch["num_skipped"] == 1

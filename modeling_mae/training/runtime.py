@@ -100,6 +100,18 @@ def resolve_mixed_precision(
     return "no", f"auto: CPU without bf16 matrix units ({detail}): float32"
 
 
+def refuse_fsdp_without_gpu(cpu: bool) -> None:
+    """An FSDP launch (`ACCELERATE_USE_FSDP=true`) on CPU processes is an error: accelerate enables FSDP
+    only for GPU-like process types and would silently train unsharded (MULTI_CPU), replicating the
+    whole model and optimizer in every process."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (cpu or not _has_accelerator()):
+        raise ValueError(
+            "distributed_type FSDP (configs/accelerate/fsdp.yaml) needs GPUs: accelerate runs CPU processes as "
+            "MULTI_CPU and ignores fsdp_config there; on this machine launch with "
+            "configs/accelerate/cpu_multi_process.yaml"
+        )
+
+
 def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking: bool, report_to, cpu: bool = False):
     """An Accelerator for an explicit loop whose processes each read their own shard of a stream.
 
@@ -111,6 +123,7 @@ def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     trackers = resolve_trackers(report_to) if with_tracking else []
+    refuse_fsdp_without_gpu(cpu)
     if not cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
         # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: run as CPU processes (gloo)
         cpu = True
@@ -281,3 +294,10 @@ def format_eta(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def quiet_library_loggers(level: int = logging.WARNING) -> None:
+    """Keep library chatter (accelerate's "Saving current state to ...", one line per saved file) at
+    `level`, so that the script's own lines (one per epoch) stay readable."""
+    for name in ("accelerate", "datasets", "transformers", "huggingface_hub", "torch.distributed"):
+        logging.getLogger(name).setLevel(level)

@@ -25,9 +25,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop as _TorchvisionRandomResizedCrop
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..image_processing_mae import apply_exif_orientation, eval_resize_size, resize_and_center_crop  # noqa: F401
 from ..modeling_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: F401 (re-exported)
 
 
@@ -109,9 +109,14 @@ class TrainTransform:
 
         An RGB JPEG whose crop is too small for draft decoding is decoded by torchvision
         (libjpeg-turbo) straight into a tensor, then cropped + resized there (bicubic, antialiased);
-        every other file goes through PIL (`crop_pil`), with draft decoding where it is allowed.
+        every other file goes through PIL (`crop_pil`), with draft decoding where it is allowed. A
+        file with an EXIF orientation is turned upright first (decoded in full, no draft), so the crop
+        is drawn on the picture as it is seen.
         """
         image = Image.open(io.BytesIO(data))  # reads the header only
+        upright = apply_exif_orientation(image)
+        if upright is not image:  # stored sideways: the crop box must be drawn on the upright size
+            return self(upright)
         crop = self.sample_crop(*image.size)
         if image.format != "JPEG" or image.mode != "RGB":
             return self.crop_pil(image, crop)
@@ -147,25 +152,33 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to size / crop_pct (bicubic), center crop -> uint8 (3, H, W)."""
+    """Resize the shorter side to size / crop_pct (bicubic), center crop -> uint8 (3, H, W).
+
+    The exported image processor (`MAEImageProcessor`) runs the same `resize_and_center_crop`, so a
+    served model sees the pixels it was scored on."""
 
     def __init__(self, size, crop_pct: float = 224 / 256):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        resize = int(round(min(self.size) / crop_pct))
-        self.ops = v2.Compose(
-            [v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(self.size)]
-        )
+        self.crop_pct = float(crop_pct)
+        eval_resize_size(self.size, self.crop_pct)  # validates crop_pct
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return pil_to_uint8(self.ops(to_rgb(image)))
+        return pil_to_uint8(resize_and_center_crop(to_rgb(image), self.size, self.crop_pct))
 
 
 def normalize_on_device(
     images: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, dtype=torch.float32
 ) -> torch.Tensor:
-    """uint8 (N, C, H, W) on any device -> normalised float (N, C, H, W) of `dtype`."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"normalize_on_device expects uint8 images, got {images.dtype}")
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    """uint8 (N, C, H, W) 0-255, or float (N, C, H, W) already scaled to [0, 1] by the dataset's range
+    (`pixels.PixelFormat`), on any device -> normalised float (N, C, H, W) of `dtype`. `mean` / `std` are
+    per channel, in the [0, 1] scale (ImageNet's by default)."""
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"normalize_on_device expects uint8 or float images, got {images.dtype}")
+    if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+        raise ValueError(
+            f"image_mean / image_std have {len(mean)} / {len(std)} values, but the images have {images.shape[1]} channels"
+        )
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * scale
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * scale
     return ((images.float() - mean_t) / std_t).to(dtype)
