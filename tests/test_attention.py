@@ -59,13 +59,14 @@ def test_every_path_is_the_formula_with_its_gradients(monkeypatch, name, first_q
     attention = MAEAttention(32, 4, True, 0.0, 0.0, config).eval()
     monkeypatch.setattr("modeling_mae.modeling_mae.attention_function", lambda *a: FUNCTIONS[name])
     x = torch.randn(2, 9, 32, requires_grad=True)
-    bias = torch.randn(1, 4, 9, 9) if with_bias else None
+    bias = torch.randn(4, 9, 9) if with_bias else None  # (heads, T, T), e.g. a relative position bias
     expected, _ = formula(x, attention, first_query, bias)
     grad_out = torch.randn_like(expected)
     (expected_grad,) = torch.autograd.grad((expected * grad_out).sum(), x)
 
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        out, _ = attention(x, first_query=first_query, attention_mask=bias)
+        out, _ = attention(x, first_query=first_query,
+                           attention_bias=bias[:, first_query:] if with_bias else None)  # the queries' rows
     (grad,) = torch.autograd.grad((out.float() * grad_out.float()).sum(), x)
     assert out.shape == (2, 9 - first_query, 32)
     scale = expected.abs().max().item()
