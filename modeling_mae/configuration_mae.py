@@ -235,6 +235,12 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
             raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
         check_pyramid_stages(self.add_fpn, self.out_features)
 
+    def _remove_keys_not_serialized(self, d: dict) -> None:
+        # Runtime state, as transformers' `_attn_implementation_internal`: whether the attention
+        # implementation was chosen by the user or left to the model (modeling_mae.attention_function).
+        super()._remove_keys_not_serialized(d)
+        d.pop("_attn_implementation_autoset", None)
+
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MAEConfig":

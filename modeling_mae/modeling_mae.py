@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -160,8 +161,93 @@ class MAEEmbeddings(nn.Module):
         return interpolate_pos_embed(self.position_embeddings, self.config.grid_size, grid_size)
 
 
+# --------------------------------------------------------------------------------------------------
+# Attention: transformers' attention interface (`config._attn_implementation`), plus our default
+# --------------------------------------------------------------------------------------------------
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention as explicit batched matmuls, transformers' `eager` signature.
+
+    query (N, H, Tq, d), key / value (N, H, T, d), attention_mask additive, broadcastable to
+    (N, H, Tq, T) -> output (N, Tq, H, d) and weights (N, H, Tq, T).
+    The softmax runs in the scores' dtype: torch's reduced-precision softmax accumulates in float32 and
+    rounds once, so this equals transformers' float32 softmax + cast without the float32 copy."""
+    scores = torch.matmul(query * scaling, key.transpose(-2, -1))
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.matmul(F.dropout(weights, dropout, module.training), value)
+    return out.transpose(1, 2), weights
+
+
+def sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """torch's `scaled_dot_product_attention` (no causal mask), same shapes as `eager_attention_forward`."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+# Our default ("sdpa" when the user did not choose an implementation) uses explicit matmuls where they
+# beat torch's fused kernel: on CPU, in bfloat16, when a backward pass follows. Measured with
+# `scripts/benchmark.py --parts attention` (attention core alone, batch 16, 1 thread, 2-core AMD EPYC
+# Zen 4 with AVX512-BF16, no AMX, torch 2.14), explicit matmuls / SDPA forward + backward time:
+#   bfloat16: encoder 50 tokens x 12 heads x 64: 0.27; decoder 197 x 16 x 32: 0.72; decoder last block
+#             (147 queries): 0.40; ViT-L 197 x 16 x 64: 0.47; ViT-H 257 x 16 x 80: 0.60; 577 x 12 x 64: 0.69
+#   float32:  1.3-2.1 (SDPA faster); forward only (inference), either dtype: SDPA as fast or faster.
+# The CPU flash kernel's backward is what is slow at these short sequences. Beyond the longest
+# measured sequence SDPA stays the choice (explicit scores take O(T^2) memory).
+EAGER_ON_CPU_MAX_TOKENS = {torch.bfloat16: 577}
+
+
+def prefer_eager_attention(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """True where explicit matmuls are faster than torch's SDPA for this call: CPU, bfloat16, at most
+    `EAGER_ON_CPU_MAX_TOKENS` keys, and a backward pass to come (the query needs a gradient)."""
+    if query.device.type != "cpu" or not (torch.is_grad_enabled() and query.requires_grad):
+        return False
+    return key.shape[-2] <= EAGER_ON_CPU_MAX_TOKENS.get(query.dtype, 0)
+
+
+def default_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The model's default implementation: `eager_attention_forward` where `prefer_eager_attention`
+    says it is faster, torch's SDPA elsewhere. Both compute the same function (tested)."""
+    if prefer_eager_attention(query, key):
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def attention_function(config, output_attentions: bool):
+    """The function for `config._attn_implementation`: for an explicit choice, transformers' registry
+    (`ALL_ATTENTION_FUNCTIONS`: sdpa, flash_attention_2/3, flex_attention, Hub kernels; eager is ours);
+    when the user chose nothing (`_attn_implementation_autoset`, set by `MAEPreTrainedModel`), our
+    `default_attention_forward`; eager whenever attention weights are asked for (only it computes them)."""
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if output_attentions or implementation == "eager":
+        return eager_attention_forward
+    if implementation == "sdpa" and getattr(config, "_attn_implementation_autoset", False):
+        return default_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
 class MAEAttention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection; SDPA unless weights are asked for."""
+    """Multi-head self-attention with one fused QKV projection, through transformers' attention interface."""
+
+    is_causal = False  # read by transformers' attention functions
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, config):
         super().__init__()
@@ -189,16 +275,11 @@ class MAEAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
         q = q[:, :, first_query:]
-        dropout = self.attn_drop if self.training else 0.0
-        weights = None
+        # (heads, Tq, T) -> (1, heads, Tq, T): the additive mask of transformers' attention functions
         bias = attention_bias.to(q.dtype).unsqueeze(0) if attention_bias is not None else None
-        if output_attentions or getattr(self.config, "_attn_implementation", "sdpa") == "eager":
-            logits = (q * self.scale) @ k.transpose(-2, -1)
-            weights = torch.softmax(logits + bias if bias is not None else logits, dim=-1)
-            out = F.dropout(weights, dropout, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, tokens - first_query, dim)
+        attend = attention_function(self.config, output_attentions)
+        out, weights = attend(self, q, k, v, bias, scaling=self.scale, dropout=self.attn_drop if self.training else 0.0)
+        out = out.reshape(batch, tokens - first_query, dim)  # (N, Tq, heads, head_dim) -> (N, Tq, D)
         return self.proj_drop(self.proj(out)), (weights if output_attentions else None)
 
 
@@ -400,6 +481,9 @@ class MAEPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _no_split_modules = ["MAELayer", "MAEEmbeddings"]
 
     # The sin-cos tables are fixed in pretraining; the official fine-tuning model trains its copy.
@@ -408,6 +492,19 @@ class MAEPreTrainedModel(PreTrainedModel):
     def post_init(self):
         super().post_init()
         self.set_position_embeddings_trainable()
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        # transformers turns "no choice" (None) into "sdpa" here; remember that no choice was made, so
+        # that attention takes our per-call default (`default_attention_forward`), not torch's kernel
+        # whatever the shape. Nested models built later from the same config see "sdpa" and keep the flag.
+        if is_init_check and attn_implementation is None:
+            self.config._attn_implementation_autoset = True
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """transformers' method; an explicit choice (even "sdpa") is then kept as made."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self.config._attn_implementation_autoset = False
 
     @classmethod
     def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):

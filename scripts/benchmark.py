@@ -3,18 +3,23 @@
 Every comparison is interleaved (ours, reference, reference, ours, ...) so that noise from a shared
 machine hits both sides alike, and each figure is the median over the repetitions.
 
-Parts:
+Parts (train, inference and attention once per `--dtype`, by default float32 and bfloat16 autocast):
   train      forward + backward + AdamW step of `MAEForPreTraining` vs `ViTMAEForPreTraining` (same
-             config, converted weights, same batch and `noise`): img/s, peak memory, MFU = counted
-             FLOPs / time / matrix-multiply peak measured in the same loop, same device and dtype.
+             config, converted weights, same batch and `noise`; the reference timed with both its sdpa
+             and eager attention, the faster one reported): img/s, peak memory, MFU = counted FLOPs /
+             time / matrix-multiply peak of a 2048^3 GEMM in the same dtype, timed in the same loop.
   masking    MAE vs the same model with mask tokens fed to the encoder (paper Table 2 baseline), ViT-L/16
              with 8- and 1-block decoders: measured forward+backward speed-up and its limit, the FLOP ratio.
   pipeline   img/s of one DataLoader worker: ours (`TrainTransform.from_bytes` -> uint8) vs transformers'
              run_mae.py (PIL decode + Compose RandomResizedCrop / flip / ToTensor / Normalize), on the same
              webdataset-layout tar shards of ~500x375 JPEGs generated under /tmp.
-  inference  feature extraction (encoder forward, no masking) vs `ViTMAEModel`.
+  inference  feature extraction (encoder forward, no masking) vs `ViTMAEModel` (both attention settings).
+  attention  the attention core alone, explicit matmuls vs torch's SDPA, at the model's shapes: the
+             measurements behind the model's default attention (`modeling_mae.prefer_eager_attention`).
 
-    python scripts/benchmark.py --json /tmp/bench.json              # full (a few minutes on 2 CPU cores)
+The machine line says whether the CPU has AMX / AVX512-BF16 (bf16 matmuls are fast only with AMX).
+
+    python scripts/benchmark.py --json /tmp/bench.json              # full, fp32 + bf16 (~15-20 min on 2 CPU cores)
     python scripts/benchmark.py --quick                             # every part at tiny sizes, seconds
     python scripts/benchmark.py --device cuda --dtype bfloat16 --compile
 """
@@ -45,6 +50,7 @@ from modeling_mae import MAEConfig, MAEForPreTraining
 from modeling_mae.conversion.architecture import transformers_config_from_mae
 from modeling_mae.conversion.convert import convert_transformers_to_mae
 from modeling_mae.masking import random_masking
+from modeling_mae.training.runtime import cpu_flags
 from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainTransform
 
 
@@ -246,7 +252,7 @@ def sizes(quick: bool, device: torch.device) -> dict:
     large = dict(image_size=224, patch_size=16, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                  intermediate_size=4096)
     return dict(
-        train=dict(config=base, batch=64 if gpu else 8, reps=20 if gpu else 9, warmup=3 if gpu else 1,
+        train=dict(config=base, batch=64 if gpu else 16, reps=20 if gpu else 9, warmup=3 if gpu else 1,
                    gemm=8192 if gpu else 2048),
         masking=dict(config=large, decoders=(8, 1), batch=64 if gpu else 8, reps=10 if gpu else 4,
                      warmup=3 if gpu else 1),
@@ -266,6 +272,20 @@ def images_and_noise(config: MAEConfig, batch: int, device, seed: int = 0):
 # --------------------------------------------------------------------------------------------------
 # Part 1: the training step
 # --------------------------------------------------------------------------------------------------
+def with_attention(model: nn.Module, implementation: str, fn):
+    """`fn` run with transformers' `implementation` set on `model` first (one model, one optimizer,
+    timed at several attention settings)."""
+    def call():
+        if model.config._attn_implementation != implementation:
+            model.set_attn_implementation(implementation)
+        return fn()
+
+    return call
+
+
+REFERENCE_ATTENTION = ("sdpa", "eager")  # transformers' ViTMAE is measured at both, the faster one reported
+
+
 def bench_train(args, device, dtype) -> list[Row]:
     spec = sizes(args.quick, device)["train"]
     config = MAEConfig(**spec["config"])
@@ -280,28 +300,35 @@ def bench_train(args, device, dtype) -> list[Row]:
     flops = count_flops(fwd_bwd_fn(ours, pixel_values, noise, device, dtype, **OURS_STEP))
     flops_ref = count_flops(fwd_bwd_fn(reference, pixel_values, noise, device, dtype))
     ours, reference = maybe_compile(ours, args.compile), maybe_compile(reference, args.compile)
+    reference_step = train_step_fn(reference, make_optimizer(reference, device), pixel_values, noise, device, dtype)
     fns = {
         "ours": train_step_fn(ours, make_optimizer(ours, device), pixel_values, noise, device, dtype, **OURS_STEP),
-        "reference": train_step_fn(reference, make_optimizer(reference, device), pixel_values, noise, device, dtype),
-        "gemm": matmul_fn(spec["gemm"], device, DTYPES[args.dtype] if device.type == "cuda" else torch.float32),
+        **{f"reference {impl}": with_attention(reference, impl, reference_step) for impl in REFERENCE_ATTENTION},
+        "gemm": matmul_fn(spec["gemm"], device, dtype),  # the peak of the dtype the steps run in
     }
     times = interleaved(fns, args.reps or spec["reps"], spec["warmup"], device)
-    t_ours, t_ref, t_gemm = (median(times[k]) for k in ("ours", "reference", "gemm"))
+    t = {k: median(v) for k, v in times.items()}
+    best = min(REFERENCE_ATTENTION, key=lambda impl: t[f"reference {impl}"])
+    t_ours, t_ref, t_gemm = t["ours"], t[f"reference {best}"], t["gemm"]
     peak = 2 * spec["gemm"] ** 3 / t_gemm
     batch = spec["batch"]
-    name = f"train step ({describe(config)}, batch {batch})"
+    name = f"train step ({describe(config)}, batch {batch}, {dtype_name(dtype)})"
     mfu = {"ours": 100 * flops / t_ours / peak, "reference": 100 * flops / t_ref / peak}  # model FLOPs (ours)
+    other = next(impl for impl in REFERENCE_ATTENTION if impl != best)
     rows = [
-        Row(f"{name} throughput", batch / t_ours, batch / t_ref, "img/s", t_ref / t_ours),
-        Row(f"{name} MFU", mfu["ours"], mfu["reference"], "% of matmul peak", mfu["ours"] / mfu["reference"],
+        Row(f"{name} throughput", batch / t_ours, batch / t_ref, "img/s", t_ref / t_ours,
+            note=f"reference at its faster attention, {best} ({other}: {batch / t[f'reference {other}']:.3g} img/s)"),
+        Row(f"{name} MFU", mfu["ours"], mfu["reference"], f"% of {dtype_name(dtype)} matmul peak",
+            mfu["ours"] / mfu["reference"],
             note=f"{flops / 1e9:.1f} GFLOP/step fwd+bwd (reference counts {flops_ref / 1e9:.1f})"),
-        Row(f"matmul peak ({spec['gemm']}^3 GEMM)", peak / 1e9, None, "GFLOP/s",
-            note=f"{dtype_name(device, args)}, timed interleaved with the steps"),
+        Row(f"matmul peak ({spec['gemm']}^3 GEMM, {dtype_name(dtype)})", peak / 1e9, None, "GFLOP/s",
+            note="timed interleaved with the steps"),
         Row(f"{name} loss (parity check)", loss_ours, loss_ref, "loss", loss_ours / loss_ref,
-            note="same weights, batch and noise"),
+            note="same weights, batch and noise" + ("" if dtype == torch.float32 else "; bf16 rounding")),
     ]
-    rows.append(matmul_share_row(name, {"ours": fns["ours"], "reference": fns["reference"]}, mfu, device))
-    del fns, ours, reference
+    reference.set_attn_implementation(best)
+    rows.append(matmul_share_row(name, {"ours": fns["ours"], "reference": reference_step}, mfu, device))
+    del fns, ours, reference, reference_step
     rows.append(bench_memory(args, device, dtype, name))
     return rows
 
@@ -334,8 +361,8 @@ def matmul_share_row(name: str, steps: dict, mfu: dict, device) -> Row:
     )
 
 
-def dtype_name(device, args) -> str:
-    return args.dtype if device.type == "cuda" else "float32"
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def describe(config: MAEConfig) -> str:
@@ -368,7 +395,7 @@ def peak_memory_of_side(side: str, args, device, dtype) -> float:
         peak = torch.cuda.max_memory_allocated(device) - base
         del model, step
         return float(peak)
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", side, "--dtype", args.dtype]
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", side, "--dtype", dtype_name(dtype)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.quick:
@@ -386,7 +413,7 @@ def memory_probe(side: str, args):
     before = current_rss_bytes()
     torch.manual_seed(0)
     model = build_side(side, config)
-    step = train_step_fn(model, make_optimizer(model, device), pixel_values, noise, device, DTYPES[args.dtype],
+    step = train_step_fn(model, make_optimizer(model, device), pixel_values, noise, device, DTYPES[args.dtype[0]],
                          **(OURS_STEP if side == "ours" else {}))
     for _ in range(3):
         step()
@@ -467,7 +494,7 @@ def masking_row(config: MAEConfig, spec: dict, args, device, dtype) -> Row:
     n = spec["batch"]
     return Row(
         f"masking speed-up ({config.hidden_size}-d/{config.num_hidden_layers} blocks, "
-        f"{config.decoder_num_hidden_layers}-block decoder, batch {n})",
+        f"{config.decoder_num_hidden_layers}-block decoder, batch {n}, {dtype_name(dtype)})",
         n / median(times["mae"]), n / median(times["baseline"]), "img/s fwd+bwd", speedup, limit=flop_ratio,
         note=f"reference = mask tokens in the encoder; limit = FLOP ratio; {100 * speedup / flop_ratio:.0f}% of limit",
     )
@@ -587,19 +614,83 @@ def bench_inference(args, device, dtype) -> list[Row]:
                 return model(pixel_values, **kwargs).last_hidden_state
         return call
 
-    times = interleaved({"ours": run(ours), "reference": run(reference, noise=keep_order)},
-                        args.reps or spec["reps"], spec["warmup"], device)
-    t_ours, t_ref = median(times["ours"]), median(times["reference"])
+    fns = {"ours": run(ours), **{f"reference {impl}": with_attention(reference, impl, run(reference, noise=keep_order))
+                                 for impl in REFERENCE_ATTENTION}}
+    times = interleaved(fns, args.reps or spec["reps"], spec["warmup"], device)
+    t = {k: median(v) for k, v in times.items()}
+    best = min(REFERENCE_ATTENTION, key=lambda impl: t[f"reference {impl}"])
+    other = next(impl for impl in REFERENCE_ATTENTION if impl != best)
+    t_ours, t_ref = t["ours"], t[f"reference {best}"]
     batch = spec["batch"]
-    name = f"inference ({config.hidden_size}-d/{config.num_hidden_layers} blocks, batch {batch})"
+    name = f"inference ({config.hidden_size}-d/{config.num_hidden_layers} blocks, batch {batch}, {dtype_name(dtype)})"
     return [
-        Row(name, batch / t_ours, batch / t_ref, "img/s", t_ref / t_ours, note="encoder forward, no masking"),
+        Row(name, batch / t_ours, batch / t_ref, "img/s", t_ref / t_ours,
+            note=f"encoder forward, no masking; reference at its faster attention, {best} "
+            f"({other}: {batch / t[f'reference {other}']:.3g} img/s)"),
         Row(f"{name} max abs feature difference (parity check)", diff, None, "abs", note="same weights and images"),
     ]
 
 
 # --------------------------------------------------------------------------------------------------
-PARTS = {"train": bench_train, "masking": bench_masking, "pipeline": bench_pipeline, "inference": bench_inference}
+# Part 5: the attention kernel (what the model's default attention chooses from)
+# --------------------------------------------------------------------------------------------------
+ATTENTION_SHAPES = {  # (tokens, heads, head width, queries) of ViT-B/16 MAE at mask ratio 0.75
+    "encoder": (50, 12, 64, 50),
+    "decoder": (197, 16, 32, 197),  # every block but the last: every token is a query
+    "decoder last block": (197, 16, 32, 147),  # predict_masked_only: the removed patches' queries only
+}
+
+
+def bench_attention(args, device, dtype) -> list[Row]:
+    """The attention core alone (q k^T, softmax, @ v; no projections), explicit batched matmuls
+    (`eager_attention_forward`) vs torch's SDPA, at the model's shapes, batch 16: forward + backward
+    (training) and forward only (inference). The measurements behind `prefer_eager_attention`."""
+    from modeling_mae.modeling_mae import eager_attention_forward, prefer_eager_attention, sdpa_attention_forward
+
+    batch = 2 if args.quick else 16
+    reps = args.reps or (2 if args.quick else 15)
+    module = nn.Module()  # the functions read only `.training`
+    rows = []
+    for name, (tokens, heads, width, queries) in ATTENTION_SHAPES.items():
+        if args.quick:
+            tokens, queries = tokens // 4, queries // 4
+        for backward in (True, False):
+            qkv = torch.randn(batch, tokens, 3, heads, width, device=device, dtype=dtype, requires_grad=backward)
+
+            def call(attend):
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # the model's layout: views of one qkv output
+                out, _ = attend(module, q[:, :, tokens - queries:], k, v, None, scaling=width**-0.5)
+                return q, k, out.reshape(batch, queries, heads * width)
+
+            def step(attend):
+                def run():
+                    if backward:
+                        call(attend)[2].sum().backward()
+                        qkv.grad = None
+                    else:
+                        with torch.inference_mode():
+                            call(attend)
+                return run
+
+            times = interleaved({"eager": step(eager_attention_forward), "sdpa": step(sdpa_attention_forward)},
+                                reps, 2, device)
+            t_eager, t_sdpa = median(times["eager"]), median(times["sdpa"])
+            with torch.set_grad_enabled(backward):
+                q, k, _ = call(eager_attention_forward)
+                chosen = "eager" if prefer_eager_attention(q, k) else "sdpa"
+            rows.append(Row(
+                f"attention {'fwd+bwd' if backward else 'forward'}, {name} ({queries} queries x {tokens} keys x "
+                f"{heads} heads x {width}, batch {batch}, {dtype_name(dtype)})", 1e3 * t_eager, 1e3 * t_sdpa,
+                "ms eager / sdpa", t_sdpa / t_eager,
+                note=f"ratio > 1: explicit matmuls faster; the model's default uses {chosen}",
+            ))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+PARTS = {"train": bench_train, "masking": bench_masking, "pipeline": bench_pipeline, "inference": bench_inference,
+         "attention": bench_attention}
+PER_DTYPE = ("train", "inference", "attention")  # run once per --dtype; masking (first dtype) and pipeline once
 
 
 def parse_args(argv=None):
@@ -607,8 +698,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="every part at tiny sizes (seconds)")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                        help="autocast dtype (parameters stay float32); float32 = no autocast")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"],
+                        help="autocast dtype(s) (parameters stay float32; float32 = no autocast); each gets its rows")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per side (default per part)")
@@ -633,8 +724,12 @@ def machine() -> dict:
     info["cpus"] = os.cpu_count()
     with contextlib.suppress(OSError):
         info["load_average"] = os.getloadavg()
+    flags = cpu_flags()
+    info["cpu_bf16"] = ("AMX (amx_bf16)" if "amx_bf16" in flags
+                        else "AVX512-BF16, no AMX" if "avx512_bf16" in flags else "no AMX, no AVX512-BF16")
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_bf16"] = torch.cuda.is_bf16_supported()
     return info
 
 
@@ -644,7 +739,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args.memory_probe, args)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -652,11 +747,13 @@ def main(argv=None):
     print(f"# machine: {info}", flush=True)
     rows: list[Row] = []
     for part in args.parts:
-        start = time.perf_counter()
-        new = PARTS[part](args, device, dtype)
-        rows.extend(new)
-        print(f"# {part}: {time.perf_counter() - start:.1f}s", flush=True)
-        print(markdown_table(new), flush=True)
+        for dtype_arg in args.dtype if part in PER_DTYPE else args.dtype[:1]:
+            start = time.perf_counter()
+            new = PARTS[part](args, device, DTYPES[dtype_arg])
+            rows.extend(new)
+            print(f"# {part} ({dtype_arg}): {time.perf_counter() - start:.1f}s, load {os.getloadavg()[0]:.2f}",
+                  flush=True)
+            print(markdown_table(new), flush=True)
     info["load_average_end"] = os.getloadavg()
     print("\n" + markdown_table(rows))
     if args.json:

@@ -118,7 +118,7 @@ class FinetuneConfig:
     num_warmup_epochs: float = 5
     max_grad_norm: float | None = None
     # runtime
-    mixed_precision: str | None = None  # no | bf16 | fp16; None: the launcher's (accelerate config)
+    mixed_precision: str | None = "auto"  # auto | no | bf16 | fp16; auto: bf16 on CUDA with bf16 and AMX CPUs, else fp32; None: the launcher's
     seed: int = 0
     output_dir: str = "outputs/mae-finetune"
     checkpointing_steps: int | None = None  # also save every N optimizer steps (always at each epoch end)

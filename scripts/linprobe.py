@@ -100,7 +100,7 @@ class LinprobeConfig:
     num_train_epochs: int = 90
     num_warmup_epochs: float = 10
     # runtime
-    mixed_precision: str | None = None
+    mixed_precision: str | None = "auto"  # auto | no | bf16 | fp16; auto: bf16 on CUDA with bf16 and AMX CPUs, else fp32; None: the launcher's
     seed: int = 0
     output_dir: str = "outputs/mae-linprobe"
     checkpointing_steps: int | None = None  # also save every N optimizer steps (always at each epoch end)

@@ -67,6 +67,7 @@ from modeling_mae.training.runtime import (
     NonFiniteGuard,
     NonFiniteLossError,
     SpeedMeter,
+    autocast_dtype,
     flops_per_image,
     make_accelerator,
     peak_flops,
@@ -135,7 +136,7 @@ class PretrainConfig:
     num_warmup_epochs: float = 40
     num_warmup_steps: Optional[int] = None  # overrides num_warmup_epochs
     max_grad_norm: Optional[float] = None
-    mixed_precision: Optional[str] = None  # no | bf16 | fp16; None: the launcher's (accelerate config)
+    mixed_precision: Optional[str] = "auto"  # auto | no | bf16 | fp16; auto: bf16 on CUDA with bf16 and AMX CPUs, else fp32; None: the launcher's
     torch_compile: bool = False
     gradient_checkpointing: bool = False
     max_consecutive_nonfinite: int = 10
@@ -152,7 +153,7 @@ class PretrainConfig:
     logging_steps: int = 10
     reconstruction_steps: Optional[int] = 1000
     num_reconstruction_images: int = 8
-    peak_tflops: Optional[float] = None  # per device, for MFU; known GPUs are looked up
+    peak_tflops: Optional[float] = None  # per device, for MFU; known GPUs are looked up, else measured at start
     log_sample_ids: bool = False  # write the ids of the consumed samples to OUTPUT_DIR/sample_ids/
     # ---- Hub -------------------------------------------------------------------------------------
     push_to_hub: bool = False
@@ -542,7 +543,7 @@ def main(argv=None) -> int:
         accelerator.init_trackers("mae_pretrain", config={**flat, "lr": lr, "effective_batch": eff_batch})
 
     # ---- train -----------------------------------------------------------------------------------
-    peak = peak_flops(accelerator.device, cfg.peak_tflops)
+    peak = peak_flops(accelerator.device, cfg.peak_tflops, autocast_dtype(accelerator.mixed_precision))
     meter = SpeedMeter(flops_per_image(model_config, cfg.mask_ratio), peak * accelerator.num_processes if peak else None)
     progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="pretrain", dynamic_ncols=True)
     preview = None

@@ -135,7 +135,7 @@ class SegmentConfig:
     num_warmup_steps: int = 1500
     lr_scheduler_type: str = "linear"  # transformers scheduler name; linear = mmseg's poly with power 1
     max_grad_norm: Optional[float] = None
-    mixed_precision: str = "bf16"  # no | bf16 | fp16
+    mixed_precision: str | None = "auto"  # auto | no | bf16 | fp16; auto: bf16 on CUDA with bf16 and AMX CPUs, else fp32; None: the launcher's
     sync_batchnorm: bool = True  # SyncBatchNorm in the pyramid / heads when running on several processes
     seed: int = 0
     # ---- evaluation ------------------------------------------------------------------------------

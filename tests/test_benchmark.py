@@ -42,7 +42,8 @@ def _rows(report, prefix):
 
 def test_every_part_writes_rows_with_the_documented_fields(quick_run):
     report, stdout = quick_run
-    assert set(report["machine"]) >= {"torch", "threads", "cpus"}
+    assert set(report["machine"]) >= {"torch", "threads", "cpus", "cpu_bf16"}
+    assert "AMX" in report["machine"]["cpu_bf16"]  # says whether the CPU has AMX / AVX512-BF16
     for row in report["rows"]:
         assert set(row) == {"name", "ours", "reference", "unit", "ratio", "limit", "note"}
         assert isinstance(row["name"], str) and isinstance(row["unit"], str)
@@ -50,26 +51,35 @@ def test_every_part_writes_rows_with_the_documented_fields(quick_run):
             assert row["ours"] > 0 and row["reference"] > 0 and math.isfinite(row["ratio"])
         assert row["name"] in stdout  # the Markdown table lists every row
     assert "| benchmark | ours | reference | unit | ratio | limit |" in stdout
-    for prefix in ("train step", "matmul peak", "masking speed-up", "input pipeline", "inference"):
+    for prefix in ("train step", "matmul peak", "masking speed-up", "input pipeline", "inference", "attention"):
         _rows(report, prefix)
+    for dtype in ("float32", "bfloat16"):  # fp32 and bf16 rows side by side, from one run
+        assert any(dtype in r["name"] for r in _rows(report, "train step"))
+        assert any(dtype in r["name"] for r in _rows(report, "inference"))
+        assert any(dtype in r["name"] for r in _rows(report, "matmul peak"))
 
 
-def test_train_rows_compare_identical_models(quick_run):
+@pytest.mark.parametrize("dtype,loss_tol,feature_tol", [("float32", 1e-5, 1e-4), ("bfloat16", 2e-2, 0.25)])
+def test_train_rows_compare_identical_models(quick_run, dtype, loss_tol, feature_tol):
     report, _ = quick_run
-    (loss,) = [r for r in _rows(report, "train step") if r["unit"] == "loss"]
-    assert loss["ours"] == pytest.approx(loss["reference"], rel=1e-5)  # converted weights, same batch + noise
-    (mfu,) = [r for r in _rows(report, "train step") if r["name"].endswith("MFU")]
+    train = [r for r in _rows(report, "train step") if dtype in r["name"]]
+    (loss,) = [r for r in train if r["unit"] == "loss"]
+    assert loss["ours"] == pytest.approx(loss["reference"], rel=loss_tol)  # converted weights, same batch + noise
+    (mfu,) = [r for r in train if r["name"].endswith("MFU")]
     assert 0 < mfu["ours"] and 0 < mfu["reference"]
-    (memory,) = [r for r in _rows(report, "train step") if r["unit"] == "MiB"]
+    assert mfu["unit"] == f"% of {dtype} matmul peak"  # divided by the peak of the dtype that ran
+    (throughput,) = [r for r in train if r["name"].endswith("throughput")]
+    assert "reference at its faster attention" in throughput["note"]  # sdpa and eager both timed
+    (memory,) = [r for r in train if r["unit"] == "MiB"]
     assert memory["ours"] > 0 and memory["reference"] > 0
-    (parity,) = [r for r in _rows(report, "inference") if r["unit"] == "abs"]
-    assert parity["ours"] < 1e-4
+    (parity,) = [r for r in _rows(report, "inference") if r["unit"] == "abs" and dtype in r["name"]]
+    assert parity["ours"] < feature_tol
 
 
 def test_masking_rows_carry_the_flop_ratio_limit(quick_run):
     report, _ = quick_run
     rows = _rows(report, "masking speed-up")
-    assert len(rows) == 2  # two decoder depths
+    assert len(rows) == 2  # two decoder depths, in the first dtype only
     for row in rows:
         assert row["limit"] > 1.5  # removing 75% of the encoder tokens must cut FLOPs a lot
         assert row["ratio"] == pytest.approx(row["ours"] / row["reference"], rel=1e-6)

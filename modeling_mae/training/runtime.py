@@ -1,14 +1,16 @@
 """What every training script sets up around its loop: the Accelerator, trackers, progress, speed.
 
-- `make_accelerator(...)`: mixed precision (bf16 preferred), trackers, and an explicit
+- `resolve_mixed_precision(requested)`: "auto" (every script's default) -> "bf16" where the device runs
+  bf16 matmuls natively and faster than fp32 (CUDA with bf16 support; CPUs with AMX), "no" elsewhere.
+- `make_accelerator(...)`: mixed precision (resolved as above, logged), trackers, and an explicit
   `DataLoaderConfiguration(dispatch_batches=False, split_batches=False)`: every process reads its own
   part of the stream (`split_dataset_by_node`), nothing is re-dispatched from rank 0.
 - `resolve_trackers(report_to)`: "all" / "tensorboard" / "wandb" / "none", dropping (with a warning)
   trackers whose package is not installed.
 - `SpeedMeter`: images / s, fraction of time waiting for data, and MFU from `flops_per_image`.
 - `flops_per_image(config, mask_ratio)`: training FLOPs of one MAE image (3 x forward matmuls).
-- `peak_flops(device, override_tflops)`: dense bf16 peak per device from a small table of known
-  accelerators, or the configured value; None (no MFU) when unknown.
+- `peak_flops(device, override_tflops, dtype)`: dense peak per device: the configured value, the bf16
+  table of known accelerators, else measured once (`measure_matmul_flops`: a 2048^3 GEMM in the run's dtype).
 - `NonFiniteGuard`: counts skipped NaN/inf steps and stops the run after N in a row.
 """
 
@@ -57,6 +59,47 @@ def _has_accelerator() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
+MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16", "fp8")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def resolve_mixed_precision(
+    requested: str | None, cpu: bool = False, cuda_bf16: bool | None = None, flags: set[str] | None = None
+) -> tuple[str | None, str]:
+    """(`mixed_precision` for the Accelerator, the reason, for the log).
+
+    "auto": "bf16" where the device has bf16 matrix units, so that bf16 autocast is faster than fp32
+    (CUDA devices with bf16 support; CPUs with AMX, flag `amx_bf16`), "no" elsewhere: a CPU without AMX
+    (AVX512-BF16 only converts and dot-products at vector speed) or a GPU without bf16 (fp16 with loss
+    scaling is then an explicit choice). Any other value is kept as given; None keeps the launcher's
+    (`accelerate launch --mixed_precision` / accelerate config). `cuda_bf16` and `flags` are the device
+    facts, read from torch and /proc/cpuinfo when not given (tests pass them)."""
+    if requested not in (None, *MIXED_PRECISION_CHOICES):
+        raise ValueError(f"`mixed_precision` must be one of {'/'.join(MIXED_PRECISION_CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return requested, "as configured" if requested is not None else "the launcher's setting"
+    on_gpu = not cpu and (torch.cuda.is_available() if cuda_bf16 is None else True)
+    if on_gpu:
+        if cuda_bf16 is None:
+            cuda_bf16 = torch.cuda.is_bf16_supported()
+        if cuda_bf16:
+            return "bf16", "auto: CUDA device with bf16 support"
+        return "no", "auto: CUDA device without bf16 support (fp16 is an explicit choice)"
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags:
+        return "bf16", "auto: CPU with AMX bf16 matrix units (amx_bf16)"
+    detail = "AVX512-BF16 but no AMX" if "avx512_bf16" in flags else "no AMX"
+    return "no", f"auto: CPU without bf16 matrix units ({detail}): float32"
+
+
 def refuse_fsdp_without_gpu(cpu: bool) -> None:
     """An FSDP launch (`ACCELERATE_USE_FSDP=true`) on CPU processes is an error: accelerate enables FSDP
     only for GPU-like process types and would silently train unsharded (MULTI_CPU), replicating the
@@ -72,27 +115,35 @@ def refuse_fsdp_without_gpu(cpu: bool) -> None:
 def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking: bool, report_to, cpu: bool = False):
     """An Accelerator for an explicit loop whose processes each read their own shard of a stream.
 
-    `mixed_precision` None takes the launcher's setting (`accelerate launch --mixed_precision` / config file).
+    `mixed_precision`: "auto" decides by the device (`resolve_mixed_precision`, logged); None takes the
+    launcher's setting (`accelerate launch --mixed_precision` / config file).
     Several processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs
     become CPU processes: accelerate's own `--cpu` launcher starts several processes only through mpirun."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    if mixed_precision not in (None, "no", "bf16", "fp16", "fp8"):
-        raise ValueError(f"`mixed_precision` must be one of no/bf16/fp16/fp8, got {mixed_precision!r}")
     trackers = resolve_trackers(report_to) if with_tracking else []
     refuse_fsdp_without_gpu(cpu)
     if not cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
         # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: run as CPU processes (gloo)
         cpu = True
-    return Accelerator(
-        mixed_precision=mixed_precision,
+    resolved, reason = resolve_mixed_precision(mixed_precision, cpu=cpu or not _has_accelerator())
+    accelerator = Accelerator(
+        mixed_precision=resolved,
         cpu=cpu,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/runs"),
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False, even_batches=False),
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
     )
+    if accelerator.is_main_process:
+        logger.info("mixed precision: %s (%s)", accelerator.mixed_precision, reason)
+    return accelerator
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype:
+    """The compute dtype of an Accelerator's `mixed_precision` ("no" -> float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision), torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,18 +190,44 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s of one device: the configured `peak_tflops`, else the table entry whose name the
-    CUDA device name contains, else None (MFU is then not reported)."""
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 3) -> float:
+    """FLOP/s of an n^3 GEMM in `dtype` on `device` (best of `reps` after one warm-up): the practical
+    matrix-multiply peak, where no data-sheet figure is known (CPUs, unknown GPUs)."""
+    # a private generator: the run's random streams (masking noise, resumed RNG state) stay untouched
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops(
+    device: torch.device, override_tflops: float | None = None, dtype: torch.dtype = torch.bfloat16, measure: bool = True
+) -> float | None:
+    """Peak FLOP/s of one device in the run's compute `dtype`: the configured `peak_tflops`; for
+    bf16/fp16 on CUDA, the table entry whose name the device name contains; else measured once with
+    `measure_matmul_flops` (None when `measure` is False: no MFU)."""
     if override_tflops:
         return float(override_tflops) * 1e12
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type == "cuda" and torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_FLOPS.items():  # most specific names first
+            if key in name:
+                return value
+    if not measure:
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():  # most specific names first
-        if key in name:
-            return value
-    return None
+    peak = measure_matmul_flops(device, dtype)
+    logger.info("peak %s matmul FLOP/s measured on %s: %.3g TFLOP/s (2048^3 GEMM)", str(dtype).split(".")[-1],
+                device, peak / 1e12)
+    return peak
 
 
 class SpeedMeter:
