@@ -7,21 +7,24 @@ when its `train_dir` holds no parquet files yet.
 """
 
 import argparse
+import sys
 
-from modeling_mae.training.data import write_demo_dataset
+from modeling_mae_cli import HelpFormatter, run_main
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/demo_data")
-    parser.add_argument("--num_crops", type=int, default=4096)
-    parser.add_argument("--crop_size", type=int, default=64)
-    parser.add_argument("--num_shards", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--out", default="outputs/demo_data", help="folder the parquet shards are written to")
+    parser.add_argument("--num_crops", type=int, default=4096, help="square crops to write")
+    parser.add_argument("--crop_size", type=int, default=64, help="side of each crop (pixels)")
+    parser.add_argument("--num_shards", type=int, default=4, help="parquet files the crops are spread over")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the crop positions and sizes")
     args = parser.parse_args(argv)
+    from modeling_mae.training.data import write_demo_dataset  # after parsing: --help needs no torch
+
     paths = write_demo_dataset(args.out, args.num_crops, args.crop_size, args.num_shards, args.seed)
     print(f"wrote {args.num_crops} crops in {len(paths)} parquet shards to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

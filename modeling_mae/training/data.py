@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modeling_mae_cli import ExpectedError
+
 from .transforms import to_rgb
 
 
@@ -60,7 +62,7 @@ LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target", "fine_la
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class DatasetAccessError(RuntimeError):
+class DatasetAccessError(ExpectedError, RuntimeError):
     """The dataset cannot be read (gated, private, offline, missing); the message says what to do."""
 
 
