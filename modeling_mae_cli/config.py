@@ -206,7 +206,7 @@ class _WideRawFormatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog):
         # a terminal's width, else 120 columns (pipes, files)
         width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 120
-        super().__init__(prog, max_help_position=36, width=max(width, 80) - 2)
+        super().__init__(prog, max_help_position=40, width=max(width, 80) - 2)
 
 
 class HelpFormatter(_WideRawFormatter, argparse.ArgumentDefaultsHelpFormatter):
