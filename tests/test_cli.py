@@ -313,3 +313,20 @@ def test_push_to_hub_without_login_fails_before_training(tmp_path, monkeypatch, 
     assert len(err) == 1 and "cannot log in to the Hub" in err[0] and "Nothing was trained yet" in err[0]
     assert calls == ["whoami"]
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# CI sees what a new machine sees
+# --------------------------------------------------------------------------------------------------
+def test_ci_runs_the_readme_test_command_in_a_fresh_environment():
+    script = (REPO / ".ci" / "run").read_text()
+    readme = (REPO / "README.md").read_text()
+    # the command CI extracts is the README's, and it is there
+    pattern = re.search(r"grep -m1 -E '([^']+)' README\.md", script).group(1)
+    commands = [line for line in readme.splitlines() if re.match(pattern.replace("\\(", "(").replace("\\)", ")"), line)]
+    assert commands and commands[0] == 'pip install -e ".[dev]" && python -m pytest -q'
+    # a fresh virtual environment per run (made, activated, removed), not this machine's Python
+    assert 'venv="$(mktemp -d' in script and 'python3 -m venv "$venv"' in script and '. "$venv/bin/activate"' in script
+    assert "trap 'rm -rf \"$venv\"' EXIT" in script and "unset PYTHONPATH" in script
+    # pytest's "no tests collected" (exit 5) fails CI
+    assert re.search(r'if \[ "\$status" -eq 5 \]; then\n.*\n\s+exit 1', script)
