@@ -44,12 +44,16 @@ class FinetuneConfig:
     validation_split: str = option("validation", help="split of dataset_name to evaluate on")
     image_column: str | None = option(None, help="image column; detected when unset (image, jpg, ...)")
     label_column: str | None = option(None, help="label column; detected when unset (label, cls, ...)")
+    label_names: list[str] | None = option(
+        None, help="the label map (id i = label_names[i]); default: the training split's classes")
     num_labels: int | None = option(None, help="classes; default: from the ClassLabel feature, else max label + 1")
     create_demo_data: bool = option(
         False, help="write the synthetic 4-class image folders into train_dir / validation_dir")
     max_train_samples: int | None = option(None, help="use only the first N training examples")
     max_eval_samples: int | None = option(None, help="use only the first N validation examples")
     dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
+    max_corrupt_fraction: float = option(
+        0.1, help="stop when more of a split than this share cannot be decoded (the rest are skipped)")
     # augmentation (official: RandAugment 9 / 0.5, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1)
     crop_scale: list[float] = option([0.08, 1.0], help="RandomResizedCrop area range min,max")
     auto_augment: str | None = option("rand-m9-mstd0.5-inc1", help="timm auto-augment policy; none: off")
@@ -118,6 +122,7 @@ class FinetuneConfig:
 if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
     parse_config(FinetuneConfig, description=__doc__)
 
+import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -130,15 +135,17 @@ from modeling_mae.training.augmentation import (  # noqa: E402
 )
 from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
 from modeling_mae.training.classification_data import (  # noqa: E402
+    UnreadableImages,
     build_classification_loaders,
     label_maps,
     load_classification_splits,
     make_synthetic_classification,
+    report_class_balance,
     set_train_epoch,
 )
 from modeling_mae.training.classifier_export import finish_classifier_run  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
-from modeling_mae.training.evaluation import evaluate_classifier, load_metric  # noqa: E402
+from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric  # noqa: E402
 from modeling_mae.training.export import check_hub_access, export_model  # noqa: E402
 from modeling_mae.training.model_loading import load_classifier  # noqa: E402
 from modeling_mae.training.optim import (  # noqa: E402
@@ -148,7 +155,7 @@ from modeling_mae.training.optim import (  # noqa: E402
     layer_decay_param_groups,
     scaled_lr,
 )
-from modeling_mae.training.runtime import make_accelerator  # noqa: E402
+from modeling_mae.training.runtime import make_accelerator, quiet_library_loggers  # noqa: E402
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
 
 
@@ -161,6 +168,7 @@ def main(argv=None) -> int:
     if cfg.push_to_hub:  # the login and the repository now, not after training
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_library_loggers()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     if not accelerator.is_main_process:
@@ -180,12 +188,17 @@ def main(argv=None) -> int:
                             linear_probe_head=False, num_labels=len(splits.class_names),
                             **label_maps(splits.class_names))
     size = model.config.image_hw
+    processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
     train_loader, eval_loader = build_classification_loaders(
         cfg, accelerator, splits,
         FinetuneTrainTransform(size, cfg.auto_augment, scale=cfg.crop_scale),
         EvalTransform(size, cfg.eval_crop_pct),
     )
     names = splits.class_names
+    balance_warnings = report_class_balance(names, splits.train_counts)
+    bad_train = UnreadableImages(splits.train, splits.image_column, "training", cfg.max_corrupt_fraction)
+    bad_val = UnreadableImages(splits.validation, splits.image_column, "validation", cfg.max_corrupt_fraction,
+                               log=accelerator.is_main_process)
 
     # ---- optimiser and schedule (per optimizer step) ----------------------------------------------
     batch = effective_batch_size(cfg.per_device_train_batch_size, accelerator.num_processes,
@@ -209,15 +222,23 @@ def main(argv=None) -> int:
 
     # ---- resume ------------------------------------------------------------------------------------
     manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
-    state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": []}
+    state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": [], "unreadable_train": [],
+             "per_class": {}}
+    epoch_loss = EpochLoss()
     resume = manager.resolve(cfg.resume_from_checkpoint)
     if resume is not None:
         state, _ = manager.load(accelerator, resume)
+        bad_train.load_state_dict(state.get("unreadable_train"))
+        epoch_loss.load_state_dict(state.get("epoch_loss"))
         logger.info("resumed from %s at step %d", resume, state["step"])
     if cfg.with_tracking:
         accelerator.init_trackers("mae_finetune", {k: str(v) for k, v in vars(cfg).items()})
 
     def save_checkpoint():
+        bad_train.merge(accelerator)  # a collective: every process saves at the same steps
+        state["unreadable_train"] = bad_train.state_dict()
+        epoch_loss.flush(accelerator)
+        state["epoch_loss"] = epoch_loss.state_dict()
         manager.save(accelerator, state["step"], trainer_state=state, config_yaml=to_yaml(cfg))
 
     def logits_of(pixel_values):
@@ -232,7 +253,10 @@ def main(argv=None) -> int:
         loader = train_loader
         if done_in_epoch > 0:  # resumed mid-epoch: skip the batches already trained on, this epoch only
             loader = accelerator.skip_first_batches(train_loader, done_in_epoch * cfg.gradient_accumulation_steps)
-        for pixel_values, labels, _ in loader:
+        if state["step"] <= epoch * steps_per_epoch:  # a new epoch, not one resumed mid-way
+            epoch_loss.reset()
+        for pixel_values, labels, used, asked in loader:
+            bad_train.record(used, asked)  # unreadable files were replaced by the next readable ones
             with accelerator.accumulate(model):
                 images = normalize_on_device(pixel_values)
                 if erase is not None:
@@ -244,6 +268,7 @@ def main(argv=None) -> int:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            epoch_loss.add(loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -259,22 +284,30 @@ def main(argv=None) -> int:
 
         # ---- evaluate every epoch; keep the best model ----------------------------------------------
         model.eval()
-        results = evaluate_classifier(logits_of, eval_loader, accelerator, len(names), metric)
+        results = evaluate_classifier(logits_of, eval_loader, accelerator, len(names), metric, unreadable=bad_val)
+        train_loss = epoch_loss.mean(accelerator)
         state["epoch"] = epoch + 1
-        state["history"].append({"epoch": epoch + 1, **results})
-        logger.info("epoch %d: top-1 %.2f top-5 %.2f loss %.4f", epoch + 1, results["top1"], results["top5"],
-                    results["loss"])
+        state["per_class"][str(epoch + 1)] = results.pop("per_class")  # [[correct, total] per class]
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, **results})
+        logger.info("%s", format_epoch_line(epoch + 1, train_loss, results, len(names)))
         if cfg.with_tracking:
             accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state["step"])
         if results["top1"] > state["best_top1"]:
             state["best_top1"], state["best_epoch"] = results["top1"], epoch + 1
             export_model(accelerator.unwrap_model(model), Path(cfg.output_dir) / "best",
-                         state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process)
+                         image_processor=processor, state_dict=accelerator.get_state_dict(model),
+                         is_main_process=accelerator.is_main_process)
         save_checkpoint()
     progress.close()
+    if state["history"]:
+        last_per_class = state["per_class"][str(state["epoch"])]
+        logger.info("per-class top-1 (last epoch): %s", format_per_class(names, last_per_class))
 
     # ---- export the last model, the card with the measured accuracy, the Hub -------------------------
-    exit_code = finish_classifier_run(accelerator, model, cfg, state, script="finetune.py", method="fine-tuned")
+    bad_train.merge(accelerator)
+    state["unreadable_train"] = bad_train.state_dict()
+    exit_code = finish_classifier_run(accelerator, model, cfg, state, script="finetune.py", method="fine-tuned",
+                                      splits=splits, image_processor=processor, data_warnings=balance_warnings)
     accelerator.end_training()
     return exit_code
 

@@ -80,6 +80,8 @@ class SegmentConfig:
     max_train_samples: Optional[int] = option(None, help="use only the first N training examples")
     max_eval_samples: Optional[int] = option(None, help="use only the first N validation examples")
     preprocessing_num_workers: int = option(4, help="DataLoader worker processes per training process")
+    max_corrupt_fraction: float = option(
+        0.1, help="stop when more than this share of the images read cannot be decoded")
     # ---- augmentation ----------------------------------------------------------------------------
     crop_size: int = option(512, help="training crop (pixels, square)")
     base_scale: list[int] = option([2048, 512], help="resize target long,short side before the random scale")
@@ -308,7 +310,9 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
     )
     patch = accelerator.unwrap_model(model).config.backbone_config.patch_size
     areas = torch.zeros(4, cfg.num_labels, dtype=torch.float64, device=accelerator.device)
+    skipped = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for batch in loader:
+        skipped += batch["num_skipped"]
         for pixels, label in zip(batch["pixel_values"], batch["labels"]):
             pixel_values = normalize_on_device(pixels[None].to(accelerator.device))
             with accelerator.autocast():
@@ -320,10 +324,15 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
             parts = mean_iou.intersect_and_union(prediction, label.numpy(), cfg.num_labels, IGNORE_INDEX)
             areas += torch.from_numpy(np.stack(parts)).to(areas)
     areas = accelerator.reduce(areas, reduction="sum").cpu().numpy()
+    num_skipped = int(accelerator.reduce(skipped, reduction="sum"))
+    if num_skipped > cfg.max_corrupt_fraction * len(dataset):
+        raise ValueError(f"{num_skipped} of the {len(dataset)} evaluation images cannot be decoded, more than "
+                         f"max_corrupt_fraction={cfg.max_corrupt_fraction}")
     model.train()
     results = mean_iou.metrics_from_areas(*areas)
     per_class = [None if np.isnan(v) else float(v) for v in results["per_category_iou"]]  # None: class absent
-    return {**{k: v for k, v in results.items() if not isinstance(v, np.ndarray)}, "per_category_iou": per_class}
+    return {**{k: v for k, v in results.items() if not isinstance(v, np.ndarray)}, "per_category_iou": per_class,
+            "num_unreadable": num_skipped}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -514,8 +523,9 @@ def main(argv=None) -> dict:
         results = evaluate(model, eval_set, accelerator, cfg, mean_iou)
         step = state["step"]
         state["history"].append({"step": step, **results})
-        logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f", step, results["mean_iou"],
-                    results["mean_accuracy"], results["overall_accuracy"])
+        logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f%s", step, results["mean_iou"],
+                    results["mean_accuracy"], results["overall_accuracy"],
+                    f"  ({results['num_unreadable']} unreadable images skipped)" if results["num_unreadable"] else "")
         accelerator.log({f"eval/{k}": v for k, v in results.items() if not isinstance(v, list)}, step=step)
         if state["best_miou"] is None or results["mean_iou"] > state["best_miou"]:
             state.update(best_miou=results["mean_iou"], best_step=step, best=results)
@@ -530,6 +540,7 @@ def main(argv=None) -> dict:
     # ---- loop ------------------------------------------------------------------------------------
     model.train()
     running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
+    skipped_local = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # since the last log line
     while state["step"] < cfg.max_train_steps:
         epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
         sampler_generator.manual_seed(cfg.seed * 100_003 + epoch)  # the same permutation on every process, every run
@@ -537,6 +548,7 @@ def main(argv=None) -> dict:
         skip = done_in_epoch * cfg.gradient_accumulation_steps
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in loader:
+            skipped_local += batch["num_skipped"]  # unreadable training images replaced by the next readable ones
             with accelerator.accumulate(model):
                 pixel_values = normalize_on_device(batch["pixel_values"])
                 loss = model(pixel_values=pixel_values, labels=batch["labels"]).loss
@@ -561,6 +573,13 @@ def main(argv=None) -> dict:
                             logs["train/loss"], logs["train/lr"], logs["train/images_per_s"])
                 accelerator.log(logs, step=step)
                 state.setdefault("train_loss", []).append([step, logs["train/loss"]])
+                state["unreadable_train_reads"] = state.get("unreadable_train_reads", 0) + int(
+                    accelerator.reduce(skipped_local, reduction="sum"))
+                skipped_local.zero_()
+                read = step * effective_batch
+                if state["unreadable_train_reads"] > cfg.max_corrupt_fraction * read:
+                    raise ValueError(f"{state['unreadable_train_reads']} of the {read} training images read could not "
+                                     f"be decoded, more than max_corrupt_fraction={cfg.max_corrupt_fraction}")
                 running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
             if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_train_steps:
                 run_evaluation()
@@ -571,7 +590,8 @@ def main(argv=None) -> dict:
 
     # ---- results ---------------------------------------------------------------------------------
     summary = {"step": state["step"], "best_step": state["best_step"], "best": state["best"],
-               "history": state["history"], "train_loss": state.get("train_loss", [])}
+               "history": state["history"], "train_loss": state.get("train_loss", []),
+               "unreadable_train_reads": state.get("unreadable_train_reads", 0)}
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "eval_results.json").write_text(json.dumps(summary, indent=2))

@@ -206,3 +206,10 @@ def format_eta(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def quiet_library_loggers(level: int = logging.WARNING) -> None:
+    """Keep library chatter (accelerate's "Saving current state to ...", one line per saved file) at
+    `level`, so that the script's own lines (one per epoch) stay readable."""
+    for name in ("accelerate", "datasets", "transformers", "huggingface_hub", "torch.distributed"):
+        logging.getLogger(name).setLevel(level)
