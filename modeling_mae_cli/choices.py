@@ -12,3 +12,4 @@ MIXED_PRECISION = ("no", "bf16", "fp16", "fp8")  # accelerate's; None (unset): t
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "comet_ml", "all", "none")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup: one lambda per batch, per pair, per image
 CONVERSION_MODEL_CLASSES = ("MAEForImageClassification", "MAEForPreTraining", "MAEModel")  # conversion.MODEL_CLASSES
+DEMO_PIXEL_KINDS = ("gray16", "bands6")  # training.pixels.DEMO_PIXEL_KINDS: generated 16-bit / multi-band demos

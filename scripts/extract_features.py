@@ -42,6 +42,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.choices import POOLING_MODES
@@ -53,6 +54,10 @@ class ExtractFeaturesConfig:
 
     model_name_or_path: str = option(
         "", help="MAE encoder: save_pretrained directory, Hub id or official .pth (required)", hub_or_path=True)
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
+    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
+    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
     dataset_name: str = option("", help="Hub id, local folder or save_to_disk directory (required)")
     dataset_config_name: str | None = option(None, help="configuration name of the Hub dataset")
     split: str = option("validation", help="split to encode")
@@ -98,8 +103,9 @@ from modeling_mae.training.classification_data import (  # noqa: E402
     split_label_names,
 )
 from modeling_mae.training.config import to_yaml  # noqa: E402
-from modeling_mae.training.model_loading import load_pretrained  # noqa: E402
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained  # noqa: E402
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
+
 
 
 logger = logging.getLogger("extract_features")
@@ -139,7 +145,7 @@ def main(argv=None):
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
     overrides = {"pooling": cfg.pooling} if cfg.pooling else {}
-    model = load_pretrained(MAEModel, cfg.model_name_or_path, **overrides).to(device).eval()
+    model = load_pretrained(MAEModel, cfg.model_name_or_path, **overrides, **checkpoint_options(cfg)).to(device).eval()
     source, image_column, label_column = load_map_dataset(
         cfg.dataset_name, cfg.split, cfg.dataset_config_name, cfg.image_column, cfg.label_column
     )

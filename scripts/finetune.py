@@ -22,6 +22,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.choices import MIXED_PRECISION, MIXUP_MODES, REPORT_TO
@@ -34,6 +35,10 @@ class FinetuneConfig:
     # model
     model_name_or_path: str = option(
         "", help="pretrained MAE: save_pretrained directory, Hub id or official .pth (required)", hub_or_path=True)
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
+    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
+    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
     drop_path_rate: float = option(0.1, help="stochastic depth rate of the last block (linear over depth)")
     # data: a Hub dataset (both splits), or local folders (parquet / webdataset / images)
     dataset_name: str | None = option(None, help="Hub dataset with both splits; or use train_dir / validation_dir")
@@ -147,7 +152,7 @@ from modeling_mae.training.classifier_export import finish_classifier_run  # noq
 from modeling_mae.training.config import to_yaml  # noqa: E402
 from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric  # noqa: E402
 from modeling_mae.training.export import check_hub_access, export_model  # noqa: E402
-from modeling_mae.training.model_loading import load_classifier  # noqa: E402
+from modeling_mae.training.model_loading import checkpoint_options, load_classifier  # noqa: E402
 from modeling_mae.training.optim import (  # noqa: E402
     create_optimizer,
     create_scheduler,
@@ -157,6 +162,7 @@ from modeling_mae.training.optim import (  # noqa: E402
 )
 from modeling_mae.training.runtime import make_accelerator, quiet_library_loggers  # noqa: E402
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
+
 
 
 logger = logging.getLogger(__name__)
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
     splits = load_classification_splits(cfg, accelerator)
     model = load_classifier(cfg.model_name_or_path, drop_path_rate=cfg.drop_path_rate, pooling="mean",
                             linear_probe_head=False, num_labels=len(splits.class_names),
-                            **label_maps(splits.class_names))
+                            **label_maps(splits.class_names), **checkpoint_options(cfg))
     size = model.config.image_hw
     processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
     train_loader, eval_loader = build_classification_loaders(

@@ -4,12 +4,18 @@
 
 `scripts/pretrain.py --config configs/pretrain/demo.yaml` does this itself (`create_demo_data: true`)
 when its `train_dir` holds no parquet files yet.
+
+Data that is not 8-bit RGB (configs/pretrain/demo_gray16.yaml, demo_bands6.yaml):
+
+    python scripts/make_demo_data.py --pixels gray16 --out outputs/demo_gray16   # 16-bit 1-channel PNGs
+    python scripts/make_demo_data.py --pixels bands6 --out outputs/demo_bands6   # 6-band uint16 .npy
 """
 
 import argparse
 import sys
 
 from modeling_mae_cli import HelpFormatter, run_main
+from modeling_mae_cli.choices import DEMO_PIXEL_KINDS
 
 
 def main(argv=None):
@@ -19,9 +25,17 @@ def main(argv=None):
     parser.add_argument("--crop_size", type=int, default=64, help="side of each crop (pixels)")
     parser.add_argument("--num_shards", type=int, default=4, help="parquet files the crops are spread over")
     parser.add_argument("--seed", type=int, default=0, help="seed of the crop positions and sizes")
+    parser.add_argument("--pixels", choices=DEMO_PIXEL_KINDS, default=None,
+                        help="write generated 16-bit / multi-band images instead of photo crops")
     args = parser.parse_args(argv)
-    from modeling_mae.training.data import write_demo_dataset  # after parsing: --help needs no torch
+    # after parsing: --help needs no torch
+    from modeling_mae.training.data import write_demo_dataset
+    from modeling_mae.training.pixels import write_demo_pixel_dataset
 
+    if args.pixels:
+        count = write_demo_pixel_dataset(args.out, args.pixels, count=args.num_crops // 2, size=48, seed=args.seed)
+        print(f"wrote {count} {args.pixels} images to {args.out}")
+        return
     paths = write_demo_dataset(args.out, args.num_crops, args.crop_size, args.num_shards, args.seed)
     print(f"wrote {args.num_crops} crops in {len(paths)} parquet shards to {args.out}")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.choices import MASK_STRATEGIES
@@ -34,6 +35,10 @@ class VisualizeConfig:
 
     model_name_or_path: str = option(
         "", help="MAEForPreTraining: save_pretrained directory, Hub id or official .pth (required)", hub_or_path=True)
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
+    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
+    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
     images: list[str] = option([], help="image files and/or folders (searched recursively)")
     dataset_name: str | None = option(None, help="Hub id, local folder or save_to_disk directory, instead of images")
     dataset_config_name: str | None = option(None, help="configuration name of the Hub dataset")
@@ -77,9 +82,10 @@ from PIL import Image  # noqa: E402
 from modeling_mae import MAEForPreTraining  # noqa: E402
 from modeling_mae.training.classification_data import load_map_dataset  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
-from modeling_mae.training.model_loading import load_pretrained  # noqa: E402
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained  # noqa: E402
 from modeling_mae.training.transforms import EvalTransform  # noqa: E402
 from modeling_mae.training.visualization import save_reconstruction_png  # noqa: E402
+
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -129,7 +135,7 @@ def main(argv=None) -> list[Path]:
     cfg = parse_config(VisualizeConfig, argv)
     cfg.check_required()
     print(to_yaml(cfg))
-    model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path).eval()
+    model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path, **checkpoint_options(cfg)).eval()
     transform = EvalTransform(model.config.image_hw, crop_pct=cfg.eval_crop_pct)
     batch = torch.stack([transform(image) for image in load_images(cfg)])  # uint8 (N, 3, H, W)
 

@@ -111,6 +111,9 @@ def test_choice_lists_match_the_code_they_copy():
     assert choices.MODEL_PRESETS == tuple(MAE_PRESETS)
     assert choices.MASK_STRATEGIES == MASK_STRATEGIES and choices.POOLING_MODES == POOLING_MODES
     assert choices.CONVERSION_MODEL_CLASSES == tuple(sorted(MODEL_CLASSES))
+    from modeling_mae.training.pixels import DEMO_PIXEL_KINDS
+
+    assert choices.DEMO_PIXEL_KINDS == DEMO_PIXEL_KINDS
 
 
 @pytest.mark.parametrize("script", sorted(RECIPE_DIRS))
