@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["modeling_mae", "modeling_mae.*"]),
+    packages=find_packages(include=["modeling_mae", "modeling_mae.*", "modeling_mae_cli"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

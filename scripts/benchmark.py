@@ -39,22 +39,54 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
-
-from modeling_mae import MAEConfig, MAEForPreTraining
-from modeling_mae.conversion.architecture import transformers_config_from_mae
-from modeling_mae.conversion.convert import convert_transformers_to_mae
-from modeling_mae.masking import random_masking
-from modeling_mae.training.runtime import cpu_flags
-from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainTransform
+from modeling_mae_cli import HelpFormatter, run_main
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PART_NAMES = ("train", "masking", "pipeline", "inference", "attention")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--quick", action="store_true", help="every part at tiny sizes (seconds)")
+    parser.add_argument("--parts", nargs="+", choices=PART_NAMES, default=list(PART_NAMES), help="parts to run")
+    parser.add_argument("--device", default=None, help="torch device; none: cuda when available, else cpu")
+    parser.add_argument("--dtype", nargs="+", choices=DTYPE_NAMES, default=["float32", "bfloat16"],
+                        help="autocast dtype(s) (parameters stay float32; float32 = no autocast); each gets its rows")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; none: torch's")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per side; none: per part")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for the pipeline part")
+    parser.add_argument("--data_dir", default="/tmp/mae_benchmark", help="where the JPEG shards are generated")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    # internal: one side's peak memory, measured in a child process of this script
+    parser.add_argument("--memory-probe", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before torch and transformers load
+    parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
+from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
+
+from modeling_mae import MAEConfig, MAEForPreTraining  # noqa: E402
+from modeling_mae.conversion.architecture import transformers_config_from_mae  # noqa: E402
+from modeling_mae.conversion.convert import convert_transformers_to_mae  # noqa: E402
+from modeling_mae.masking import random_masking  # noqa: E402
+from modeling_mae.training.runtime import cpu_flags  # noqa: E402
+from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainTransform  # noqa: E402
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -693,23 +725,6 @@ PARTS = {"train": bench_train, "masking": bench_masking, "pipeline": bench_pipel
 PER_DTYPE = ("train", "inference", "attention")  # run once per --dtype; masking (first dtype) and pipeline once
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="every part at tiny sizes (seconds)")
-    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"],
-                        help="autocast dtype(s) (parameters stay float32; float32 = no autocast); each gets its rows")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per side (default per part)")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for the pipeline part")
-    parser.add_argument("--data_dir", default="/tmp/mae_benchmark", help="where the JPEG shards are generated")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    parser.add_argument("--memory-probe", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     try:
@@ -763,4 +778,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -31,24 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_mae.conversion import (  # noqa: E402
-    MODEL_CLASSES,
-    convert_official_to_mae,
-    convert_timm_to_mae,
-    convert_transformers_to_mae,
-    load_checkpoint,
-    load_mae_model,
-    load_transformers_model,
-    mae_to_official,
-    mae_to_timm,
-    mae_to_transformers,
-    official_args,
-    save_official,
-    save_state_dict,
-    timm_model_kwargs,
-)
-from modeling_mae.conversion.checkpoint_io import fetch_checkpoint  # noqa: E402
-from modeling_mae.conversion.mmseg import convert_mmseg_to_mae, mae_to_mmseg, save_mmseg  # noqa: E402
+from modeling_mae_cli import HelpFormatter, run_main  # noqa: E402
+from modeling_mae_cli.choices import CONVERSION_MODEL_CLASSES, POOLING_MODES  # noqa: E402
 
 
 FORMATS = ("official", "transformers", "timm", "mmseg")
@@ -83,7 +67,7 @@ def bool_arg(value: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--source", choices=FORMATS, help="convert INPUT of this format into our OUTPUT_DIR")
     direction.add_argument("--to", choices=FORMATS, help="export our INPUT directory to this format at OUTPUT")
@@ -91,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", help="--source: our save_pretrained directory; --to: .pth (official), directory "
                         "(transformers), .safetensors or .pth (timm)")
     into = parser.add_argument_group("conversion into our format")
-    into.add_argument("--model_class", choices=sorted(MODEL_CLASSES), default=None,
+    into.add_argument("--model_class", choices=CONVERSION_MODEL_CLASSES, default=None,
                       help="default: the class matching the checkpoint (encoder / with decoder / classifier)")
     into.add_argument("--image_size", type=size_arg, default=None,
                       help="target resolution; position embeddings are interpolated when it differs")
@@ -99,14 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the checkpoint's resolution, only for non-square position tables")
     into.add_argument("--num_attention_heads", type=int, default=None,
                       help="needed when the width matches no official model")
-    into.add_argument("--decoder_num_attention_heads", type=int, default=None)
-    into.add_argument("--pooling", choices=("mean", "cls"), default=None)
+    into.add_argument("--decoder_num_attention_heads", type=int, default=None,
+                      help="needed when the decoder width matches no official model")
+    into.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                      help="pooled feature of the converted model; none: the format's")
     into.add_argument("--norm_pix_loss", type=bool_arg, default=None,
                       help="the decoder's target (official checkpoints: from their args when present)")
-    into.add_argument("--mask_ratio", type=float, default=None)
+    into.add_argument("--mask_ratio", type=float, default=None, help="mask ratio stored in the config; none: the model's (0.75)")
     into.add_argument("--imagenet_labels", action="store_true",
                       help="name the 1000 classes of an ImageNet-1k classifier (id2label from timm)")
-    into.add_argument("--state_dict_key", default=None, help="entry of the .pth holding the weights (default: 'model' if present)")
+    into.add_argument("--state_dict_key", default=None, help="entry of the .pth holding the weights; none: 'model' if present")
     into.add_argument("--revision", default=None, help="Hub revision (transformers source)")
     into.add_argument("--allow_missing", action="store_true", help="initialise weights the checkpoint lacks")
     into.add_argument("--allow_unexpected", action="store_true", help="drop checkpoint keys the model has no place for")
@@ -116,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group("export")
     out.add_argument("--allow_dropped", action="store_true", help="leave out weights the target format cannot hold")
     return parser
+
+
+if __name__ == "__main__":  # --help and usage errors answer before torch and transformers load
+    build_parser().parse_args()
+
+from modeling_mae.conversion import (  # noqa: E402
+    convert_official_to_mae,
+    convert_timm_to_mae,
+    convert_transformers_to_mae,
+    load_checkpoint,
+    load_mae_model,
+    load_transformers_model,
+    mae_to_official,
+    mae_to_timm,
+    mae_to_transformers,
+    official_args,
+    save_official,
+    save_state_dict,
+    timm_model_kwargs,
+)
+from modeling_mae.conversion.checkpoint_io import fetch_checkpoint  # noqa: E402
+from modeling_mae.conversion.mmseg import convert_mmseg_to_mae, mae_to_mmseg, save_mmseg  # noqa: E402
 
 
 def config_overrides(args) -> dict:
@@ -221,4 +229,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -37,52 +37,41 @@ One-liners for a few images:
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-from tqdm.auto import tqdm
-
-from modeling_mae import MAEModel
-from modeling_mae.configuration_mae import POOLING_MODES
-from modeling_mae.training.classification_data import (
-    MapImageDataset,
-    UnreadableImages,
-    describe_example,
-    label_lookup,
-    load_map_dataset,
-    split_label_names,
-)
-from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.model_loading import checkpoint_options, load_pretrained
-from modeling_mae.training.transforms import EvalTransform, normalize_on_device
+from modeling_mae_cli import option, parse_config, run_main
+from modeling_mae_cli.choices import POOLING_MODES
 
 
 @dataclass(frozen=True)
 class ExtractFeaturesConfig:
     """Encoder features of a dataset, saved with `datasets.Dataset.save_to_disk`."""
 
-    model_name_or_path: str = ""
+    model_name_or_path: str = option(
+        "", help="MAE encoder: save_pretrained directory, Hub id or official .pth (required)", hub_or_path=True)
     # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
-    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
-    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
-    dataset_name: str = ""  # Hub id, local folder, or save_to_disk directory
-    dataset_config_name: str | None = None
-    split: str = "validation"
-    image_column: str | None = None  # detected when None
-    label_column: str | None = None  # detected when None
-    pooling: str | None = None  # "cls" | "mean"; default: the model config's
-    eval_crop_pct: float = 224 / 256
-    per_device_eval_batch_size: int = 64
-    dataloader_num_workers: int = 4
-    max_samples: int | None = None
-    max_corrupt_fraction: float = 0.1  # stop when more of the split than this share cannot be decoded
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16": autocast dtype of the encoder
-    output_dir: str = "features"
+    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
+    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
+    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
+    dataset_name: str = option("", help="Hub id, local folder or save_to_disk directory (required)")
+    dataset_config_name: str | None = option(None, help="configuration name of the Hub dataset")
+    split: str = option("validation", help="split to encode")
+    image_column: str | None = option(None, help="image column; detected when unset")
+    label_column: str | None = option(None, help="label column, copied beside the features; detected when unset")
+    pooling: str | None = option(None, help="pooled feature; default: the model config's", choices=POOLING_MODES)
+    eval_crop_pct: float = option(224 / 256, help="resize to size / crop_pct, then center crop")
+    per_device_eval_batch_size: int = option(64, help="images per batch")
+    dataloader_num_workers: int = option(4, help="DataLoader worker processes")
+    max_samples: int | None = option(None, help="encode only the first N examples")
+    max_corrupt_fraction: float = option(
+        0.1, help="stop when more of the split than this share cannot be decoded")
+    mixed_precision: str = option("no", help="autocast dtype of the encoder", choices=("no", "fp16", "bf16"))
+    output_dir: str = option("features", help="where the datasets.Dataset of features is saved")
 
     def __post_init__(self):
         if self.pooling is not None and self.pooling not in POOLING_MODES:
@@ -96,6 +85,27 @@ class ExtractFeaturesConfig:
         for name in ("model_name_or_path", "dataset_name", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"`{name}` is required")
+
+
+if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
+    parse_config(ExtractFeaturesConfig, description=__doc__)
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from modeling_mae import MAEModel  # noqa: E402
+from modeling_mae.training.classification_data import (  # noqa: E402
+    MapImageDataset,
+    UnreadableImages,
+    describe_example,
+    label_lookup,
+    load_map_dataset,
+    split_label_names,
+)
+from modeling_mae.training.config import to_yaml  # noqa: E402
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained  # noqa: E402
+from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
+
 
 
 logger = logging.getLogger("extract_features")
@@ -176,4 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

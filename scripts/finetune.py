@@ -20,48 +20,12 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
-
-from modeling_mae.training.augmentation import (
-    FinetuneTrainTransform,
-    build_criterion,
-    build_mixup,
-    build_random_erasing,
-    prepare_mixup_batch,
-)
-from modeling_mae.training.checkpoint import CheckpointManager
-from modeling_mae.training.classification_data import (
-    UnreadableImages,
-    build_classification_loaders,
-    label_maps,
-    load_classification_splits,
-    make_synthetic_classification,
-    report_class_balance,
-    set_train_epoch,
-)
-from modeling_mae.training.classifier_export import finish_classifier_run
-from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric
-from modeling_mae.training.export import export_model
-from modeling_mae.training.model_loading import checkpoint_options, load_classifier
-from modeling_mae.training.optim import (
-    create_optimizer,
-    create_scheduler,
-    effective_batch_size,
-    layer_decay_param_groups,
-    scaled_lr,
-)
-from modeling_mae.training.runtime import make_accelerator, quiet_library_loggers
-from modeling_mae.training.transforms import EvalTransform, normalize_on_device
-
-
-logger = logging.getLogger(__name__)
+from modeling_mae_cli import option, parse_config, run_main
+from modeling_mae_cli.choices import MIXED_PRECISION, MIXUP_MODES, REPORT_TO
 
 
 @dataclass(frozen=True)
@@ -69,70 +33,78 @@ class FinetuneConfig:
     """Fine-tune a pretrained MAE (defaults: the ViT-B/16 recipe of the paper, Table 9)."""
 
     # model
-    model_name_or_path: str = ""  # save_pretrained directory, Hub id, or official .pth checkpoint
+    model_name_or_path: str = option(
+        "", help="pretrained MAE: save_pretrained directory, Hub id or official .pth (required)", hub_or_path=True)
     # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
-    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
-    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
-    drop_path_rate: float = 0.1
+    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
+    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
+    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
+    drop_path_rate: float = option(0.1, help="stochastic depth rate of the last block (linear over depth)")
     # data: a Hub dataset (both splits), or local folders (parquet / webdataset / images)
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    train_dir: str | None = None
-    validation_dir: str | None = None
-    train_split: str = "train"
-    validation_split: str = "validation"
-    image_column: str | None = None  # detected when None (image, jpg, ...)
-    label_column: str | None = None  # detected when None (label, cls, ...)
-    label_names: list[str] | None = None  # the label map (id i = label_names[i]); default: the training split's classes
-    num_labels: int | None = None  # from the ClassLabel feature, else max label + 1
-    create_demo_data: bool = False  # write the synthetic 4-class image folders into train_dir / validation_dir
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    dataloader_num_workers: int = 8
-    max_corrupt_fraction: float = 0.1  # stop when more of a split than this share cannot be decoded (skipped below)
+    dataset_name: str | None = option(None, help="Hub dataset with both splits; or use train_dir / validation_dir")
+    dataset_config_name: str | None = option(None, help="configuration name of the Hub dataset")
+    train_dir: str | None = option(None, help="local training folder (parquet, webdataset .tar or class folders)")
+    validation_dir: str | None = option(None, help="local validation folder, same layouts")
+    train_split: str = option("train", help="split of dataset_name to train on")
+    validation_split: str = option("validation", help="split of dataset_name to evaluate on")
+    image_column: str | None = option(None, help="image column; detected when unset (image, jpg, ...)")
+    label_column: str | None = option(None, help="label column; detected when unset (label, cls, ...)")
+    label_names: list[str] | None = option(
+        None, help="the label map (id i = label_names[i]); default: the training split's classes")
+    num_labels: int | None = option(None, help="classes; default: from the ClassLabel feature, else max label + 1")
+    create_demo_data: bool = option(
+        False, help="write the synthetic 4-class image folders into train_dir / validation_dir")
+    max_train_samples: int | None = option(None, help="use only the first N training examples")
+    max_eval_samples: int | None = option(None, help="use only the first N validation examples")
+    dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
+    max_corrupt_fraction: float = option(
+        0.1, help="stop when more of a split than this share cannot be decoded (the rest are skipped)")
     # augmentation (official: RandAugment 9 / 0.5, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1)
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    label_smoothing: float = 0.1
-    eval_crop_pct: float = 224 / 256
+    crop_scale: list[float] = option([0.08, 1.0], help="RandomResizedCrop area range min,max")
+    auto_augment: str | None = option("rand-m9-mstd0.5-inc1", help="timm auto-augment policy; none: off")
+    reprob: float = option(0.25, help="random erasing probability")
+    mixup: float = option(0.8, help="mixup alpha; 0: off")
+    cutmix: float = option(1.0, help="cutmix alpha; 0: off")
+    mixup_prob: float = option(1.0, help="probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: float = option(0.5, help="probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = option("batch", help="one mixing per batch, pair or element", choices=MIXUP_MODES)
+    label_smoothing: float = option(0.1, help="label smoothing of the targets")
+    eval_crop_pct: float = option(224 / 256, help="evaluation: resize to size / crop_pct, then center crop")
     # optimisation: lr = blr * effective batch / 256 unless learning_rate is given
-    per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    blr: float = 5e-4
-    learning_rate: float | None = None
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    min_lr: float = 1e-6
-    num_train_epochs: int = 100
-    num_warmup_epochs: float = 5
-    max_grad_norm: float | None = None
+    per_device_train_batch_size: int = option(32, help="training images per process per micro-batch")
+    per_device_eval_batch_size: int = option(64, help="evaluation images per process per batch")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    blr: float = option(5e-4, help="base learning rate: lr = blr x effective batch / 256")
+    learning_rate: float | None = option(None, help="absolute learning rate; when set, blr is not used")
+    layer_decay: float = option(0.65, help="layer-wise lr decay in (0, 1]: block i gets lr x decay^(depth - i)")
+    weight_decay: float = option(0.05, help="AdamW weight decay (not on biases, norms, positions, tokens)")
+    adam_beta1: float = option(0.9, help="AdamW beta1")
+    adam_beta2: float = option(0.999, help="AdamW beta2")
+    adam_epsilon: float = option(1e-8, help="AdamW epsilon")
+    min_lr: float = option(1e-6, help="learning rate at the end of the cosine schedule")
+    num_train_epochs: int = option(100, help="epochs to train (with the warm-up)")
+    num_warmup_epochs: float = option(5, help="epochs of linear learning-rate warm-up")
+    max_grad_norm: float | None = option(None, help="clip the gradient norm to this; unset: no clipping")
     # runtime
-    mixed_precision: str | None = "auto"  # auto | no | bf16 | fp16; auto: bf16 on CUDA with bf16 and AMX CPUs, else fp32; None: the launcher's
-    seed: int = 0
-    output_dir: str = "outputs/mae-finetune"
-    checkpointing_steps: int | None = None  # also save every N optimizer steps (always at each epoch end)
-    checkpoints_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
-    with_tracking: bool = False
-    report_to: str = "tensorboard"
-    logging_steps: int = 50
+    mixed_precision: str | None = option(
+        "auto", help="autocast dtype; auto: bf16 on CUDA with bf16 and on CPUs with AMX, else fp32 (decided and logged at start); unset: the launcher's (accelerate config)",
+        choices=MIXED_PRECISION)
+    seed: int = option(0, help="seed of the head's initialisation, the augmentation and the data order")
+    output_dir: str = option("outputs/mae-finetune", help="where the model, checkpoints and logs go")
+    checkpointing_steps: int | None = option(
+        None, help="also save every N optimizer steps (always at each epoch end)")
+    checkpoints_total_limit: int | None = option(2, help="keep only the last N checkpoints; none: keep all")
+    resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint directory to resume from")
+    with_tracking: bool = option(False, help="log metrics to the trackers of report_to")
+    report_to: str = option("tensorboard", help="trackers for with_tracking", choices=REPORT_TO)
+    logging_steps: int = option(50, help="log loss and lr every N optimizer steps")
     # hub
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_token: str | None = None
-    hub_private_repo: bool | None = None
-    hub_include_checkpoints: bool = False
+    push_to_hub: bool = option(False, help="upload the output directory to hub_model_id at the end")
+    hub_model_id: str | None = option(None, help="Hub repository to push to (user/name)")
+    hub_token: str | None = option(None, help="Hub token; default: HF_TOKEN or the `hf auth login` one")
+    hub_private_repo: bool | None = option(None, help="create the Hub repository private")
+    hub_include_checkpoints: bool = option(False, help="upload checkpoints/ too")
+
 
     def __post_init__(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -153,9 +125,55 @@ class FinetuneConfig:
             raise ValueError("`push_to_hub` needs `hub_model_id` (user/name)")
 
 
+if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
+    parse_config(FinetuneConfig, description=__doc__)
+
+import torch  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from modeling_mae.training.augmentation import (  # noqa: E402
+    FinetuneTrainTransform,
+    build_criterion,
+    build_mixup,
+    build_random_erasing,
+    prepare_mixup_batch,
+)
+from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
+from modeling_mae.training.classification_data import (  # noqa: E402
+    UnreadableImages,
+    build_classification_loaders,
+    label_maps,
+    load_classification_splits,
+    make_synthetic_classification,
+    report_class_balance,
+    set_train_epoch,
+)
+from modeling_mae.training.classifier_export import finish_classifier_run  # noqa: E402
+from modeling_mae.training.config import to_yaml  # noqa: E402
+from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric  # noqa: E402
+from modeling_mae.training.export import check_hub_access, export_model  # noqa: E402
+from modeling_mae.training.model_loading import checkpoint_options, load_classifier  # noqa: E402
+from modeling_mae.training.optim import (  # noqa: E402
+    create_optimizer,
+    create_scheduler,
+    effective_batch_size,
+    layer_decay_param_groups,
+    scaled_lr,
+)
+from modeling_mae.training.runtime import make_accelerator, quiet_library_loggers  # noqa: E402
+from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
+
+
+
+logger = logging.getLogger(__name__)
+
+
 def main(argv=None) -> int:
     cfg = parse_config(FinetuneConfig, argv, description=__doc__)
     cfg.check_required()
+    if cfg.push_to_hub:  # the login and the repository now, not after training
+        check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_library_loggers()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
@@ -302,4 +320,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

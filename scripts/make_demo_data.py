@@ -12,21 +12,26 @@ Data that is not 8-bit RGB (configs/pretrain/demo_gray16.yaml, demo_bands6.yaml)
 """
 
 import argparse
+import sys
 
-from modeling_mae.training.data import write_demo_dataset
-from modeling_mae.training.pixels import DEMO_PIXEL_KINDS, write_demo_pixel_dataset
+from modeling_mae_cli import HelpFormatter, run_main
+from modeling_mae_cli.choices import DEMO_PIXEL_KINDS
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/demo_data")
-    parser.add_argument("--num_crops", type=int, default=4096)
-    parser.add_argument("--crop_size", type=int, default=64)
-    parser.add_argument("--num_shards", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--out", default="outputs/demo_data", help="folder the parquet shards are written to")
+    parser.add_argument("--num_crops", type=int, default=4096, help="square crops to write")
+    parser.add_argument("--crop_size", type=int, default=64, help="side of each crop (pixels)")
+    parser.add_argument("--num_shards", type=int, default=4, help="parquet files the crops are spread over")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the crop positions and sizes")
     parser.add_argument("--pixels", choices=DEMO_PIXEL_KINDS, default=None,
                         help="write generated 16-bit / multi-band images instead of photo crops")
     args = parser.parse_args(argv)
+    # after parsing: --help needs no torch
+    from modeling_mae.training.data import write_demo_dataset
+    from modeling_mae.training.pixels import write_demo_pixel_dataset
+
     if args.pixels:
         count = write_demo_pixel_dataset(args.out, args.pixels, count=args.num_crops // 2, size=48, seed=args.seed)
         print(f"wrote {count} {args.pixels} images to {args.out}")
@@ -36,4 +41,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

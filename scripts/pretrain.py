@@ -17,9 +17,6 @@ One typed config (`PretrainConfig`: YAML + command-line overrides, flag names as
               reconstruction grid PNG every `reconstruction_steps`
     persist   atomic checkpoints every `checkpointing_steps` (keep the last `checkpoints_total_limit`),
               exact resume (`--resume_from_checkpoint latest|PATH`), export + model card, `--push_to_hub`
-
-Test hook: the environment variable `MAE_CRASH_AT_STEP=N` kills the process (SIGKILL) right after
-optimizer step N, to test resuming.
 """
 
 from __future__ import annotations
@@ -32,58 +29,12 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-from accelerate.utils import DistributedType, set_seed
-from tqdm.auto import tqdm
-
-from modeling_mae import MAEConfig, MAEForPreTraining
-from modeling_mae.training.checkpoint import CheckpointManager
-from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.data import (
-    ImageStream,
-    StreamTracker,
-    count_examples,
-    first_image_cells,
-    load_source,
-    make_dataloader,
-    split_for_process,
-    write_demo_dataset,
-)
-from modeling_mae.training.export import HubPushError, export_model, push_to_hub, write_model_card
-from modeling_mae.training.model_loading import checkpoint_options, load_pretrained
-from modeling_mae.training.optim import (
-    create_optimizer,
-    create_scheduler,
-    effective_batch_size,
-    pretraining_param_groups,
-    scaled_lr,
-    steps_for_epochs,
-)
-from modeling_mae.training.runtime import (
-    NonFiniteGuard,
-    NonFiniteLossError,
-    SpeedMeter,
-    autocast_dtype,
-    flops_per_image,
-    make_accelerator,
-    peak_flops,
-)
-from modeling_mae.training.model_loading import adapt_num_channels
-from modeling_mae.training.pixels import (
-    ArrayTrainTransform,
-    PixelFormat,
-    PixelFormatError,
-    channel_statistics,
-    probe_pixel_format,
-)
-from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainTransform, normalize_on_device
-
-
-logger = logging.getLogger("pretrain")
+from modeling_mae_cli import option, parse_config, run_main
+from modeling_mae_cli.choices import MIXED_PRECISION, MODEL_PRESETS, REPORT_TO
 
 
 @dataclass(frozen=True)
@@ -91,76 +42,82 @@ class PretrainConfig:
     """MAE pretraining (defaults: the official ViT-B/16 ImageNet-1k recipe, He et al. 2021, A.1)."""
 
     # ---- data ------------------------------------------------------------------------------------
-    dataset_name: Optional[str] = "ILSVRC/imagenet-1k"  # Hub dataset (parquet or webdataset layout)
-    dataset_config_name: Optional[str] = None
-    train_dir: Optional[str] = None  # local folder of parquet / webdataset .tar / images; replaces dataset_name
-    train_split: str = "train"
-    image_column: Optional[str] = None  # detected when None (image, jpg, ...)
-    label_column: Optional[str] = None  # detected when None (label, cls, ...); unused by pretraining
-    num_train_examples: Optional[int] = None  # epoch length when the dataset does not tell
-    shuffle_buffer_size: int = 2000  # examples per shuffle window
-    dataloader_num_workers: int = 8
-    create_demo_data: bool = False  # write scikit-image crops into train_dir first if it is empty
+    dataset_name: Optional[str] = option("ILSVRC/imagenet-1k", help="Hub dataset (parquet or webdataset layout)")
+    dataset_config_name: Optional[str] = option(None, help="configuration name of the Hub dataset")
+    train_dir: Optional[str] = option(
+        None, help="local folder of parquet files, webdataset .tar shards or images; replaces dataset_name")
+    train_split: str = option("train", help="split of the dataset to train on")
+    image_column: Optional[str] = option(None, help="image column; detected when unset (image, jpg, ...)")
+    label_column: Optional[str] = option(None, help="label column; detected when unset; unused by pretraining")
+    num_train_examples: Optional[int] = option(None, help="epoch length when the dataset does not tell")
+    shuffle_buffer_size: int = option(2000, help="examples per shuffle window of the stream")
+    dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
+    create_demo_data: bool = option(False, help="write scikit-image crops into train_dir first if it is empty")
     # ---- pixels: channels, bit depth and statistics from the data (pixels.py) --------------------------
-    num_channels: Optional[int] = None  # default: what the data has (read from its first images)
-    pixel_range: Optional[list[float]] = None  # [low, high] -> [0, 1] for the whole dataset; default: bit depth
-    image_mean: Optional[list[str]] = None  # per channel, or `auto`; default: ImageNet's for RGB, auto otherwise
-    image_std: Optional[list[str]] = None  # per channel, or `auto` (with image_mean)
-    image_stats_num_samples: int = 256  # images read by the `auto` statistics pass
-    adapt_channels: bool = True  # adapt a checkpoint of another channel count (patch projection, pixel head)
+    num_channels: Optional[int] = option(None, help="image channels; default: what the data has (its first images)")
+    pixel_range: Optional[list[float]] = option(
+        None, help="low,high -> [0, 1] for the whole dataset; default: the bit depth")
+    image_mean: Optional[list[str]] = option(
+        None, help="per channel, or auto; default: ImageNet's for RGB, auto otherwise")
+    image_std: Optional[list[str]] = option(None, help="per channel, or auto (with image_mean)")
+    image_stats_num_samples: int = option(256, help="images read by the auto statistics pass")
+    adapt_channels: bool = option(True, help="adapt a checkpoint of another channel count (patch projection, pixel head)")
     # ---- model -----------------------------------------------------------------------------------
-    model_preset: str = "mae-vit-base-patch16"
-    model_name_or_path: Optional[str] = None  # start from any MAE: our dir / Hub id, official .pth, ViTMAE, timm
-    model_config: dict = field(default_factory=dict)  # MAEConfig overrides, e.g. {drop_path_rate: 0.1}
+    model_preset: str = option("mae-vit-base-patch16", help="architecture of a new model", choices=MODEL_PRESETS)
+    model_name_or_path: Optional[str] = option(
+        None, help="start from any MAE: our directory / Hub id, official .pth, ViTMAE, timm", hub_or_path=True)
+    model_config: dict = option({}, help="MAEConfig overrides, e.g. '{drop_path_rate: 0.1}'")
     # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
-    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
-    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
+    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
+    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
+    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
+    mask_ratio: float = option(0.75, help="fraction of patches removed, in [0, 1)")
+    norm_pix_loss: bool = option(True, help="loss on per-patch normalised pixels (the paper's better target)")
     # ---- augmentation ----------------------------------------------------------------------------
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    hflip: float = 0.5
+    crop_scale: list[float] = option([0.2, 1.0], help="RandomResizedCrop area range min,max")
+    hflip: float = option(0.5, help="probability of a horizontal flip")
     # ---- optimization ----------------------------------------------------------------------------
-    per_device_train_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    blr: float = 1.5e-4  # base lr: lr = blr x effective batch / 256
-    learning_rate: Optional[float] = None  # absolute lr; when set, blr is not used (and the log says so)
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-8
-    num_train_epochs: float = 800
-    max_train_steps: Optional[int] = None  # overrides num_train_epochs
-    num_warmup_epochs: float = 40
-    num_warmup_steps: Optional[int] = None  # overrides num_warmup_epochs
-    max_grad_norm: Optional[float] = None
-    mixed_precision: Optional[str] = "auto"  # auto | no | bf16 | fp16; auto: bf16 on CUDA with bf16 and AMX CPUs, else fp32; None: the launcher's
-    torch_compile: bool = False
-    gradient_checkpointing: bool = False
-    max_consecutive_nonfinite: int = 10
-    seed: int = 0
-    num_threads: Optional[int] = None  # intra-op CPU threads per process (torch.set_num_threads); None: default
+    per_device_train_batch_size: int = option(64, help="images per process per micro-batch")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    blr: float = option(1.5e-4, help="base learning rate: lr = blr x effective batch / 256")
+    learning_rate: Optional[float] = option(None, help="absolute learning rate; when set, blr is not used")
+    min_lr: float = option(0.0, help="learning rate at the end of the cosine schedule")
+    weight_decay: float = option(0.05, help="AdamW weight decay (not on biases, norms, positions, tokens)")
+    adam_beta1: float = option(0.9, help="AdamW beta1")
+    adam_beta2: float = option(0.95, help="AdamW beta2")
+    adam_epsilon: float = option(1e-8, help="AdamW epsilon")
+    num_train_epochs: float = option(800, help="epochs to train (with the warm-up)")
+    max_train_steps: Optional[int] = option(None, help="optimizer steps to train; overrides num_train_epochs")
+    num_warmup_epochs: float = option(40, help="epochs of linear learning-rate warm-up")
+    num_warmup_steps: Optional[int] = option(None, help="warm-up in optimizer steps; overrides num_warmup_epochs")
+    max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
+    mixed_precision: Optional[str] = option(
+        "auto", help="autocast dtype; auto: bf16 on CUDA with bf16 and on CPUs with AMX, else fp32 (decided and logged at start); unset: the launcher's (accelerate config)",
+        choices=MIXED_PRECISION)
+    torch_compile: bool = option(False, help="torch.compile the model")
+    gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass (less memory)")
+    max_consecutive_nonfinite: int = option(10, help="stop after this many NaN/inf optimizer steps in a row")
+    seed: int = option(0, help="seed of the initialisation, the masks, the crops and the data order")
+    num_threads: Optional[int] = option(None, help="intra-op CPU threads per process (torch.set_num_threads)")
     # ---- checkpoints and output ------------------------------------------------------------------
-    output_dir: str = "outputs/mae-pretrain"
-    checkpointing_steps: Optional[int] = 1000
-    checkpoints_total_limit: Optional[int] = 3
-    resume_from_checkpoint: Optional[str] = None  # latest | PATH
+    output_dir: str = option("outputs/mae-pretrain", help="where the model, checkpoints and logs go")
+    checkpointing_steps: Optional[int] = option(1000, help="save a checkpoint every N optimizer steps; 0/none: never")
+    checkpoints_total_limit: Optional[int] = option(3, help="keep only the last N checkpoints; none: keep all")
+    resume_from_checkpoint: Optional[str] = option(None, help="'latest' or a checkpoint directory to resume from")
     # ---- what the user sees ----------------------------------------------------------------------
-    with_tracking: bool = False
-    report_to: str = "tensorboard"  # tensorboard | wandb | all | none
-    logging_steps: int = 10
-    reconstruction_steps: Optional[int] = 1000
-    num_reconstruction_images: int = 8
-    peak_tflops: Optional[float] = None  # per device, for MFU; known GPUs are looked up, else measured at start
-    log_sample_ids: bool = False  # write the ids of the consumed samples to OUTPUT_DIR/sample_ids/
+    with_tracking: bool = option(False, help="log metrics to the trackers of report_to")
+    report_to: str = option("tensorboard", help="trackers for with_tracking", choices=REPORT_TO)
+    logging_steps: int = option(10, help="log loss, lr, img/s every N optimizer steps")
+    reconstruction_steps: Optional[int] = option(1000, help="write a reconstruction grid PNG every N steps")
+    num_reconstruction_images: int = option(8, help="images in the reconstruction grid")
+    peak_tflops: Optional[float] = option(None, help="peak TFLOP/s per device for MFU; known GPUs are looked up")
+    log_sample_ids: bool = option(False, help="write the ids of the consumed samples to OUTPUT_DIR/sample_ids/")
     # ---- Hub -------------------------------------------------------------------------------------
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
-    hub_private_repo: Optional[bool] = None
-    hub_include_checkpoints: bool = False
-    hub_token: Optional[str] = None
+    push_to_hub: bool = option(False, help="upload the output directory to hub_model_id at the end")
+    hub_model_id: Optional[str] = option(None, help="Hub repository to push to (user/name)")
+    hub_private_repo: Optional[bool] = option(None, help="create the Hub repository private")
+    hub_include_checkpoints: bool = option(False, help="upload checkpoints/ too")
+    hub_token: Optional[str] = option(None, help="Hub token; default: HF_TOKEN or the `hf auth login` one")
 
     def __post_init__(self):
         if self.train_dir is None and self.dataset_name is None:
@@ -202,6 +159,66 @@ def parse_statistics(image_mean, image_std) -> Optional[tuple]:
     if any(s <= 0 for s in std):
         raise ValueError(f"`image_std` values must be > 0, got {std}")
     return mean, std
+
+
+if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
+    parse_config(PretrainConfig, description=__doc__)
+
+import torch  # noqa: E402
+from accelerate.utils import DistributedType, set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from modeling_mae import MAEConfig, MAEForPreTraining  # noqa: E402
+from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
+from modeling_mae.training.config import to_yaml  # noqa: E402
+from modeling_mae.training.data import (  # noqa: E402
+    ImageStream,
+    StreamTracker,
+    count_examples,
+    first_image_cells,
+    load_source,
+    make_dataloader,
+    split_for_process,
+    write_demo_dataset,
+)
+from modeling_mae.training.export import (  # noqa: E402
+    HubPushError,
+    check_hub_access,
+    export_model,
+    push_to_hub,
+    write_model_card,
+)
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained  # noqa: E402
+from modeling_mae.training.optim import (  # noqa: E402
+    create_optimizer,
+    create_scheduler,
+    effective_batch_size,
+    pretraining_param_groups,
+    scaled_lr,
+    steps_for_epochs,
+)
+from modeling_mae.training.runtime import (  # noqa: E402
+    NonFiniteGuard,
+    NonFiniteLossError,
+    SpeedMeter,
+    autocast_dtype,
+    flops_per_image,
+    make_accelerator,
+    peak_flops,
+)
+from modeling_mae.training.model_loading import adapt_num_channels  # noqa: E402
+from modeling_mae.training.pixels import (  # noqa: E402
+    ArrayTrainTransform,
+    PixelFormat,
+    PixelFormatError,
+    channel_statistics,
+    probe_pixel_format,
+)
+from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainTransform, normalize_on_device  # noqa: E402
+
+
+
+logger = logging.getLogger("pretrain")
 
 
 @dataclass
@@ -444,6 +461,8 @@ class SampleLog:
 # --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     cfg = parse_config(PretrainConfig, argv, description=__doc__)
+    if cfg.push_to_hub:  # the login and the repository now, not after training
+        check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     is_main = accelerator.is_main_process
@@ -548,6 +567,8 @@ def main(argv=None) -> int:
     progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="pretrain", dynamic_ncols=True)
     preview = None
     window_losses = []
+    # test hook, kept out of --help: MAE_CRASH_AT_STEP=N kills the process (SIGKILL) right after optimizer
+    # step N, so that the tests can resume from what a crash leaves behind
     crash_at = int(os.environ.get("MAE_CRASH_AT_STEP", "-1"))
     exit_code = 0
     try:
@@ -698,4 +719,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -30,46 +30,13 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-from accelerate.utils import set_seed
-from torch import nn
-
-from modeling_mae import MAEBackbone, MAEConfig, MAEModel, MAEUperNetConfig, MAEUperNetForSemanticSegmentation
-from modeling_mae.conversion.convert import interpolate_positions
-from modeling_mae.modeling_mae import is_transfer_only, log_new_transfer_parameters
-from modeling_mae.training.checkpoint import CheckpointManager
-from modeling_mae.training.config import parse_config, to_dict, to_yaml
-from modeling_mae.training.export import HubPushError, push_to_hub
-from modeling_mae.training.model_loading import (
-    checkpoint_format,
-    checkpoint_options,
-    is_official_checkpoint,
-    load_pretrained,
-    read_config_json,
-)
-from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups
-from modeling_mae.training.runtime import make_accelerator
-from modeling_mae.training.segmentation_data import (
-    IGNORE_INDEX,
-    SegEvalTransform,
-    SegmentationDataset,
-    SegTrainTransform,
-    collate_eval,
-    collate_train,
-    load_segmentation_split,
-    predict_label_map,
-    slide_inference,
-    whole_inference,
-)
-from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize_on_device
-
-
-logger = logging.getLogger("segment")
+from modeling_mae_cli import option, parse_config, run_main
+from modeling_mae_cli.choices import MIXED_PRECISION, MODEL_PRESETS, REPORT_TO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_MODES = ("slide", "whole")
@@ -80,83 +47,91 @@ class SegmentConfig:
     """UperNet semantic segmentation on an MAE encoder (defaults: ViT-B/16 on ADE20K, 160k iterations)."""
 
     # ---- model -----------------------------------------------------------------------------------
-    model_name_or_path: Optional[str] = None  # any MAE checkpoint (dir, Hub id, official .pth) or a segmentation model
-    model_preset: Optional[str] = None  # random init from an MAEConfig preset (tests / demo) when no checkpoint
+    model_name_or_path: Optional[str] = option(
+        None, help="any MAE checkpoint (directory, Hub id, official .pth) or a segmentation model", hub_or_path=True)
+    model_preset: Optional[str] = option(
+        None, help="random initialisation from an MAEConfig preset (tests / demo) when no checkpoint",
+        choices=MODEL_PRESETS)
     # MAEConfig fields for `model_preset` ({num_hidden_layers: 4}) or for converting an official .pth whose
     # width is not a published one ({num_attention_heads: 2})
-    model_config: dict = field(default_factory=dict)
+    model_config: dict = option({}, help="MAEConfig fields for model_preset or an official .pth, e.g. '{num_hidden_layers: 4}'")
     # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
-    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
-    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
-    out_indices: list[int] = field(default_factory=lambda: [4, 6, 8, 12])  # blocks feeding strides 4/8/16/32
-    # the simple feature pyramid (MAEConfig.add_fpn, as BEiT's); off = every block's map at stride p
-    add_fpn: bool = True
-    drop_path_rate: float = 0.1
+    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
+    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
+    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
+    out_indices: list[int] = option([4, 6, 8, 12], help="blocks feeding the pyramid's strides 4,8,16,32")
+    add_fpn: bool = option(True, help="the simple feature pyramid (MAEConfig.add_fpn, as BEiT's); off: every block's map at stride p")
+    drop_path_rate: float = option(0.1, help="stochastic depth rate of the last block (linear over depth)")
     # BEiT's relative position bias (zero-initialised, transfer-only) and layer scale (gammas starting at
     # this value; 0 = none), as mmsegmentation's MAE backbone: the ADE20K config turns both on
-    use_relative_position_bias: bool = False
-    layer_scale_init_value: float = 0.0
-    decoder_hidden_size: int = 768  # UperNet channels (UperNetConfig.hidden_size)
-    use_auxiliary_head: bool = True
-    auxiliary_channels: int = 256
-    auxiliary_loss_weight: float = 0.4
+    use_relative_position_bias: bool = option(False, help="BEiT relative position bias per block (zero-initialised)")
+    layer_scale_init_value: float = option(0.0, help="layer scale: per-channel gammas starting here; 0: none")
+    decoder_hidden_size: int = option(768, help="UperNet channels (UperNetConfig.hidden_size)")
+    use_auxiliary_head: bool = option(True, help="FCN auxiliary head on the third pyramid level")
+    auxiliary_channels: int = option(256, help="channels of the auxiliary head")
+    auxiliary_loss_weight: float = option(0.4, help="weight of the auxiliary head's loss")
     # ---- data ------------------------------------------------------------------------------------
-    dataset_name: Optional[str] = "scene_parse_150"  # Hub id, local dataset dir or save_to_disk dir
-    dataset_config_name: Optional[str] = None
-    data_dir: Optional[str] = None  # ADEChallengeData2016 folder layout; used instead of dataset_name
-    train_split: str = "train"
-    validation_split: str = "validation"
-    image_column_name: str = "image"
-    label_column_name: str = "annotation"
-    reduce_labels: bool = True  # ADE20K: 0 ("other") -> 255 ignored, class c -> c - 1
-    num_labels: int = 150
-    id2label_file: Optional[str] = None  # JSON {"0": "wall", ...}; names default to the ids
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    preprocessing_num_workers: int = 4
-    max_corrupt_fraction: float = 0.1  # stop when more than this share of the images read cannot be decoded
+    dataset_name: Optional[str] = option(
+        "scene_parse_150", help="Hub id, local dataset directory or save_to_disk directory")
+    dataset_config_name: Optional[str] = option(None, help="configuration name of the Hub dataset")
+    data_dir: Optional[str] = option(None, help="ADEChallengeData2016 folder layout; used instead of dataset_name")
+    train_split: str = option("train", help="split to train on")
+    validation_split: str = option("validation", help="split to evaluate on")
+    image_column_name: str = option("image", help="image column")
+    label_column_name: str = option("annotation", help="segmentation map column")
+    reduce_labels: bool = option(True, help="ADE20K: 0 ('other') -> 255 ignored, class c -> c - 1")
+    num_labels: int = option(150, help="classes")
+    id2label_file: Optional[str] = option(None, help="JSON {\"0\": \"wall\", ...}; names default to the ids")
+    max_train_samples: Optional[int] = option(None, help="use only the first N training examples")
+    max_eval_samples: Optional[int] = option(None, help="use only the first N validation examples")
+    preprocessing_num_workers: int = option(4, help="DataLoader worker processes per training process")
+    max_corrupt_fraction: float = option(
+        0.1, help="stop when more than this share of the images read cannot be decoded")
     # ---- augmentation ----------------------------------------------------------------------------
-    crop_size: int = 512
-    base_scale: list[int] = field(default_factory=lambda: [2048, 512])
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    cat_max_ratio: float = 0.75
-    hflip: float = 0.5
-    photometric: bool = True
+    crop_size: int = option(512, help="training crop (pixels, square)")
+    base_scale: list[int] = option([2048, 512], help="resize target long,short side before the random scale")
+    scale_range: list[float] = option([0.5, 2.0], help="random scale range min,max")
+    cat_max_ratio: float = option(0.75, help="re-draw a crop where one class covers more than this fraction")
+    hflip: float = option(0.5, help="probability of a horizontal flip")
+    photometric: bool = option(True, help="photometric distortion (brightness, contrast, saturation, hue)")
     # ---- optimization ----------------------------------------------------------------------------
-    per_device_train_batch_size: int = 2  # x 8 processes = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_train_steps: int = 160000
-    num_warmup_steps: int = 1500
-    lr_scheduler_type: str = "linear"  # transformers scheduler name; linear = mmseg's poly with power 1
-    max_grad_norm: Optional[float] = None
-    mixed_precision: str | None = "auto"  # auto | no | bf16 | fp16; auto: bf16 on CUDA with bf16 and AMX CPUs, else fp32; None: the launcher's
-    sync_batchnorm: bool = True  # SyncBatchNorm in the pyramid / heads when running on several processes
-    seed: int = 0
+    per_device_train_batch_size: int = option(2, help="images per process per micro-batch (x 8 processes = 16)")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    learning_rate: float = option(1e-4, help="peak learning rate (AdamW)")
+    layer_decay: float = option(0.65, help="layer-wise lr decay in (0, 1]: block i gets lr x decay^(depth - i)")
+    weight_decay: float = option(0.05, help="AdamW weight decay")
+    adam_beta1: float = option(0.9, help="AdamW beta1")
+    adam_beta2: float = option(0.999, help="AdamW beta2")
+    max_train_steps: int = option(160000, help="optimizer steps to train")
+    num_warmup_steps: int = option(1500, help="optimizer steps of linear warm-up")
+    lr_scheduler_type: str = option(
+        "linear", help="transformers scheduler name; linear = mmseg's poly with power 1")
+    max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
+    mixed_precision: str | None = option(
+        "auto", help="autocast dtype; auto: bf16 on CUDA with bf16 and on CPUs with AMX, else fp32 (decided and logged at start); unset: the launcher's (accelerate config)",
+        choices=MIXED_PRECISION)
+    sync_batchnorm: bool = option(True, help="SyncBatchNorm in the pyramid / heads when running on several processes")
+    seed: int = option(0, help="seed of the initialisation, the augmentation and the data order")
     # ---- evaluation ------------------------------------------------------------------------------
-    eval_steps: Optional[int] = 16000
-    eval_mode: str = "slide"  # slide | whole
-    eval_stride: int = 341
-    per_device_eval_batch_size: int = 1
-    mean_iou_path: str = str(REPO_ROOT / "metrics" / "mean_iou")
+    eval_steps: Optional[int] = option(16000, help="evaluate every N optimizer steps (and at the end)")
+    eval_mode: str = option("slide", help="sliding-window or whole-image inference", choices=EVAL_MODES)
+    eval_stride: int = option(341, help="stride of the sliding window (pixels)")
+    per_device_eval_batch_size: int = option(1, help="evaluation images per process per batch")
+    mean_iou_path: str = option(str(REPO_ROOT / "metrics" / "mean_iou"), help="the mean_iou metric's folder")
     # ---- checkpoints and output ------------------------------------------------------------------
-    output_dir: str = "outputs/mae-upernet-ade20k"
-    checkpointing_steps: Optional[int] = 16000
-    checkpoints_total_limit: Optional[int] = 2
-    resume_from_checkpoint: Optional[str] = None  # latest | PATH
-    with_tracking: bool = False
-    report_to: str = "tensorboard"
-    logging_steps: int = 50
+    output_dir: str = option("outputs/mae-upernet-ade20k", help="where the model, checkpoints and logs go")
+    checkpointing_steps: Optional[int] = option(16000, help="save a checkpoint every N optimizer steps")
+    checkpoints_total_limit: Optional[int] = option(2, help="keep only the last N checkpoints; none: keep all")
+    resume_from_checkpoint: Optional[str] = option(None, help="'latest' or a checkpoint directory to resume from")
+    with_tracking: bool = option(False, help="log metrics to the trackers of report_to")
+    report_to: str = option("tensorboard", help="trackers for with_tracking", choices=REPORT_TO)
+    logging_steps: int = option(50, help="log loss and lr every N optimizer steps")
     # ---- Hub -------------------------------------------------------------------------------------
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
-    hub_private_repo: Optional[bool] = None
-    hub_token: Optional[str] = None
+    push_to_hub: bool = option(False, help="upload the output directory to hub_model_id at the end")
+    hub_model_id: Optional[str] = option(None, help="Hub repository to push to (user/name)")
+    hub_private_repo: Optional[bool] = option(None, help="create the Hub repository private")
+    hub_token: Optional[str] = option(None, help="Hub token; default: HF_TOKEN or the `hf auth login` one")
+
 
     def __post_init__(self):
         if (self.model_name_or_path is None) == (self.model_preset is None):
@@ -181,6 +156,48 @@ class SegmentConfig:
             raise ValueError(f"`layer_decay` must be in (0, 1], got {self.layer_decay}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` (user/name)")
+
+
+if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
+    parse_config(SegmentConfig, description=__doc__)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from torch import nn  # noqa: E402
+
+from modeling_mae import MAEBackbone, MAEConfig, MAEModel, MAEUperNetConfig, MAEUperNetForSemanticSegmentation  # noqa: E402
+from modeling_mae.conversion.convert import interpolate_positions  # noqa: E402
+from modeling_mae.modeling_mae import is_transfer_only, log_new_transfer_parameters  # noqa: E402
+from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
+from modeling_mae.training.config import to_dict, to_yaml  # noqa: E402
+from modeling_mae.training.export import HubPushError, check_hub_access, push_to_hub  # noqa: E402
+from modeling_mae.training.model_loading import (  # noqa: E402
+    checkpoint_format,
+    checkpoint_options,
+    is_official_checkpoint,
+    load_pretrained,
+    read_config_json,
+)
+from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups  # noqa: E402
+from modeling_mae.training.runtime import make_accelerator  # noqa: E402
+from modeling_mae.training.segmentation_data import (  # noqa: E402
+    IGNORE_INDEX,
+    SegEvalTransform,
+    SegmentationDataset,
+    SegTrainTransform,
+    collate_eval,
+    collate_train,
+    load_segmentation_split,
+    predict_label_map,
+    slide_inference,
+    whole_inference,
+)
+from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize_on_device  # noqa: E402
+
+
+
+logger = logging.getLogger("segment")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,6 +456,8 @@ def revert_sync_batchnorm(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     cfg = parse_config(SegmentConfig, argv, description=__doc__)
+    if cfg.push_to_hub:  # the login and the repository now, not after training
+        check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     # Map-style training data: every process must take the same number of steps (DDP), so the last
@@ -609,4 +628,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

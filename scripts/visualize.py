@@ -19,21 +19,12 @@ un-normalised by its original patch's statistics, and the caption says so.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-from PIL import Image
-
-from modeling_mae import MAEForPreTraining
-from modeling_mae.configuration_mae import MASK_STRATEGIES
-from modeling_mae.training.classification_data import load_map_dataset
-from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.model_loading import checkpoint_options, load_pretrained
-from modeling_mae.training.transforms import EvalTransform
-from modeling_mae.training.visualization import save_reconstruction_png
-
+from modeling_mae_cli import option, parse_config, run_main
+from modeling_mae_cli.choices import MASK_STRATEGIES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -42,23 +33,26 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 class VisualizeConfig:
     """Reconstruction grids of a pretrained MAE."""
 
-    model_name_or_path: str = ""
+    model_name_or_path: str = option(
+        "", help="MAEForPreTraining: save_pretrained directory, Hub id or official .pth (required)", hub_or_path=True)
     # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
-    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
-    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
-    images: list[str] = field(default_factory=list)  # image files and/or folders (searched recursively)
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    split: str = "validation"
-    image_column: str | None = None  # detected when None (image, jpg, ...)
-    num_images: int = 8  # images taken from the dataset / folders (all given files when 0)
-    images_per_grid: int = 8
-    mask_ratio: float | None = None  # default: the model config's
-    mask_strategy: str | None = None  # random | block | grid; default: the model config's
-    seed: int = 0
-    eval_crop_pct: float = 1.0  # resize the shorter side to size / crop_pct, then center crop
-    output_dir: str = "reconstructions"
+    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
+    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
+    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
+    images: list[str] = option([], help="image files and/or folders (searched recursively)")
+    dataset_name: str | None = option(None, help="Hub id, local folder or save_to_disk directory, instead of images")
+    dataset_config_name: str | None = option(None, help="configuration name of the Hub dataset")
+    split: str = option("validation", help="split of dataset_name")
+    image_column: str | None = option(None, help="image column; detected when unset (image, jpg, ...)")
+    num_images: int = option(8, help="images taken from the dataset / folders (all given files when 0)")
+    images_per_grid: int = option(8, help="rows per PNG grid")
+    mask_ratio: float | None = option(None, help="fraction of patches removed; default: the model config's")
+    mask_strategy: str | None = option(
+        None, help="which patches are removed; default: the model config's", choices=MASK_STRATEGIES)
+    seed: int = option(0, help="seed of the masks")
+    eval_crop_pct: float = option(1.0, help="resize the shorter side to size / crop_pct, then center crop")
+    output_dir: str = option("reconstructions", help="where the PNG grids go")
+
 
     def __post_init__(self):
         if self.mask_strategy is not None and self.mask_strategy not in MASK_STRATEGIES:
@@ -77,6 +71,21 @@ class VisualizeConfig:
                 f"give exactly one image source: images (got {self.images!r}) or dataset_name "
                 f"(got {self.dataset_name!r})"
             )
+
+
+if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
+    parse_config(VisualizeConfig, description=__doc__)
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from modeling_mae import MAEForPreTraining  # noqa: E402
+from modeling_mae.training.classification_data import load_map_dataset  # noqa: E402
+from modeling_mae.training.config import to_yaml  # noqa: E402
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained  # noqa: E402
+from modeling_mae.training.transforms import EvalTransform  # noqa: E402
+from modeling_mae.training.visualization import save_reconstruction_png  # noqa: E402
+
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -143,4 +152,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

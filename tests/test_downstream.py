@@ -199,6 +199,7 @@ def test_pretrain_then_finetune_beats_chance(pretrained, synthetic, tmp_path, mo
     def upload_folder(self, **kwargs):
         uploads.append({**kwargs, "card": (Path(kwargs["folder_path"]) / "README.md").read_text()})
 
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, *a, **k: {"name": "someone"})  # before training
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     out = tmp_path / "ft"

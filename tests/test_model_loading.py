@@ -201,7 +201,7 @@ def test_pretrain_continues_from_each_published_format(kind, small_data, tmp_pat
     pretrain = import_pretrain()
     out = tmp_path / "out"
     # lr 0: the exported weights must be exactly the checkpoint's (AdamW's decay is scaled by lr, too)
-    argv = tiny_args(small_data, out, model_name_or_path=source, model_preset="unused", max_train_steps=2,
+    argv = tiny_args(small_data, out, model_name_or_path=source, model_preset="mae-tiny", max_train_steps=2,
                      checkpointing_steps=2, learning_rate=0.0) + extra
     with caplog.at_level(logging.WARNING):
         assert pretrain.main(argv) == 0

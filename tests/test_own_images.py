@@ -125,7 +125,7 @@ def test_a_validation_class_unknown_to_training_stops_before_training(tmp_path, 
     # the script stops on it before loading a model or training
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=unknown):
-        finetune.main(["--model_name_or_path", str(tmp_path / "no-model-needed"), "--train_dir", str(train),
+        finetune.main(["--model_name_or_path", "someone/no-model-needed", "--train_dir", str(train),
                        "--validation_dir", str(val), "--output_dir", str(out)])
     assert not (out / "checkpoints").exists()
 

@@ -87,6 +87,7 @@ def _recorder(monkeypatch, fail=False):
         if fail:
             raise ConnectionError("401 Unauthorized: invalid token")  # what a failed request surfaces as
 
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, *a, **k: {"name": "me"})  # checked before training
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     return calls

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modeling_mae_cli import ExpectedError
+
 from .transforms import apply_exif_orientation, to_rgb
 
 
@@ -61,7 +63,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 ARRAY_EXTENSIONS = (".npy",)  # multi-band arrays (H, W) or (H, W, C); see `pixels.py`
 
 
-class DatasetAccessError(RuntimeError):
+class DatasetAccessError(ExpectedError, RuntimeError):
     """The dataset cannot be read (gated, private, offline, missing); the message says what to do."""
 
 

@@ -2,6 +2,7 @@
 
     export_model(model, output_dir, image_processor=None)          # weights, config, code, processor
     write_model_card(output_dir, card_data=..., **template_values)  # README.md from model_card.md
+    check_hub_access(hub_model_id, token=None, private=None)      # before training: login + repo
     push_to_hub(output_dir, hub_model_id, include_checkpoints=False)
 
 The model card is rendered from the template `model_card.md` (repository root, or `template_path`)
@@ -10,7 +11,9 @@ with huggingface_hub's `ModelCard.from_template` and `ModelCardData` (license, d
 `push_to_hub` uploads an already complete local directory with `huggingface_hub.HfApi`
 (`create_repo`, then `upload_folder`). It raises `HubPushError` saying why (not logged in, no
 network, no permission ...) and never touches the local files, so a failed push can be retried with
-`hf upload REPO_ID OUTPUT_DIR`.
+`hf upload REPO_ID OUTPUT_DIR`. `check_hub_access` runs the login and repository checks before the
+first training step (`HubAccessError`), so that a run meant for the Hub does not learn at the end that
+it cannot get there.
 """
 
 from __future__ import annotations
@@ -20,13 +23,48 @@ from pathlib import Path
 
 import torch
 
+from modeling_mae_cli import ExpectedError
+
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
 CHECKPOINT_PATTERNS = ["checkpoints/*", "checkpoints/**"]
 
 
-class HubPushError(RuntimeError):
+class HubPushError(ExpectedError, RuntimeError):
     """Uploading to the Hub failed; the local output directory is complete."""
+
+
+class HubAccessError(ExpectedError, RuntimeError):
+    """Before training: not logged in to the Hub, or the target repository cannot be created / written."""
+
+
+def check_hub_access(hub_model_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Who is logged in (`HfApi.whoami`) and that `hub_model_id` exists or can be created
+    (`create_repo(exist_ok=True)`); returns the user name. Raises `HubAccessError` in one line."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()["name"]
+    except Exception as err:  # 401, offline mode, no network
+        raise HubAccessError(
+            f"--push_to_hub: cannot log in to the Hub ({type(err).__name__}: {_first_line(err)}); run `hf auth login` "
+            f"or set HF_TOKEN (or --hub_token), or drop --push_to_hub. Nothing was trained yet."
+        ) from None
+    try:
+        api.create_repo(hub_model_id, repo_type="model", private=private, exist_ok=True)
+    except Exception as err:  # 403: not your namespace / token without write access
+        raise HubAccessError(
+            f"--push_to_hub: logged in as {user!r} but cannot create or write the repo {hub_model_id!r} "
+            f"({type(err).__name__}: {_first_line(err)}); check --hub_model_id and the token's write access. "
+            f"Nothing was trained yet."
+        ) from None
+    return user
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def export_model(

@@ -25,11 +25,13 @@ import warnings
 
 import torch
 
+from modeling_mae_cli import ExpectedError
+
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ExpectedError, RuntimeError):
     """Too many consecutive optimizer steps had a NaN/inf loss or gradient."""
 
 
