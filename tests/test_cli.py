@@ -96,7 +96,7 @@ def test_help_shows_defaults_and_choices_as_written():
     assert re.search(r"--per_device_train_batch_size INT\s+images per process per micro-batch \(default: 64\)", text)
     assert re.search(r"--report_to \{tensorboard,wandb,mlflow,comet_ml,all,none\}\s+.*\(default: tensorboard\)", text)
     assert re.search(r"--crop_scale FLOAT,\.\.\.\s+.*\(default: \[0\.2, 1\.0\]\)", text)
-    assert re.search(r"--mixed_precision \{no,bf16,fp16,fp8\}\s+.*\(default: none\)", text)
+    assert re.search(r"--mixed_precision \{auto,no,bf16,fp16,fp8\}\s+[^\n]*\n?[^\n]*\(default: auto\)", text)
     visualize = _run("visualize", "--help").stdout
     assert re.search(r"--mask_strategy \{random,block,grid\}", visualize)
     features = _run("extract_features", "--help").stdout
