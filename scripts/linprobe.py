@@ -21,6 +21,8 @@ then keeps the augmented view of the cached epoch).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modeling_mae.training.augmentation import LinprobeTrainTransform
 from modeling_mae.training.checkpoint import CheckpointManager
@@ -48,7 +51,8 @@ from modeling_mae.training.export import export_model
 from modeling_mae.training.linear_probe import FeatureCache, ProbeHead
 from modeling_mae.training.model_loading import load_classifier
 from modeling_mae.training.optim import build_lars, create_scheduler, effective_batch_size, scaled_lr
-from modeling_mae.training.runtime import make_accelerator
+from modeling_mae.training.demo_data import ensure_demo_data
+from modeling_mae.training.runtime import GracefulStop, make_accelerator, resume_command, tracker_hparams
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
 
 
@@ -96,6 +100,8 @@ class LinprobeConfig:
     output_dir: str = "outputs/mae-linprobe"
     checkpointing_steps: int | None = None  # also save every N optimizer steps (always at each epoch end)
     checkpoints_total_limit: int | None = 2
+    overwrite_output_dir: bool = False  # start afresh in an output_dir holding another run's results
+    allow_config_change_on_resume: bool = False  # resume even if model / data / seed / batch / schedule differ
     resume_from_checkpoint: str | None = None
     with_tracking: bool = False
     report_to: str = "tensorboard"
@@ -136,13 +142,17 @@ def main(argv=None) -> int:
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    # before anything is written: refuse another run's output directory, check a resumed config
+    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
+    resume = manager.begin(accelerator, cfg)
     if accelerator.is_main_process:
         print(f"# resolved config\n{to_yaml(cfg)}", flush=True)
     set_seed(cfg.seed)
     if cfg.create_demo_data and accelerator.is_main_process:
-        for directory, count, seed in ((cfg.train_dir, 96, 0), (cfg.validation_dir, 32, 1)):
-            if directory and not Path(directory).exists():
-                make_synthetic_classification(directory, count, seed=seed)
+        for field_name, count, seed in (("train_dir", 96, 0), ("validation_dir", 32, 1)):
+            if getattr(cfg, field_name):
+                ensure_demo_data(getattr(cfg, field_name), functools.partial(
+                    make_synthetic_classification, num_per_class=count, seed=seed), field=field_name)
     accelerator.wait_for_everyone()
 
     # ---- data and model: frozen encoder (CLS features) + BatchNorm + Linear ------------------------
@@ -189,20 +199,22 @@ def main(argv=None) -> int:
         )
 
     # ---- resume ------------------------------------------------------------------------------------
-    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
     state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": []}
-    resume = manager.resolve(cfg.resume_from_checkpoint)
     if resume is not None:
         state, _ = manager.load(accelerator, resume)
         logger.info("resumed from %s at step %d", resume, state["step"])
     if cfg.with_tracking:
-        accelerator.init_trackers("mae_linprobe", {k: str(v) for k, v in vars(cfg).items()})
+        accelerator.init_trackers("mae_linprobe", tracker_hparams(cfg))
 
     def save_checkpoint():
-        manager.save(accelerator, state["step"], trainer_state=state, config_yaml=to_yaml(cfg))
+        return manager.save(accelerator, state["step"], trainer_state=state, config_yaml=to_yaml(cfg))
 
     # ---- train the head ----------------------------------------------------------------------------
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
+    scope = contextlib.ExitStack()
+    scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
+    scope.enter_context(logging_redirect_tqdm())  # log lines go above the progress bar, not glued onto it
     for epoch in range(state["epoch"], cfg.num_train_epochs):
         head.train()
         freeze_encoder(model)  # the encoder stays in eval mode
@@ -231,12 +243,17 @@ def main(argv=None) -> int:
             state["step"] += 1
             progress.update(1)
             if state["step"] % cfg.logging_steps == 0:
-                progress.set_postfix(loss=f"{loss.item():.4f}")
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 if cfg.with_tracking:
                     accelerator.log({"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]},
                                     step=state["step"])
-            if cfg.checkpointing_steps and state["step"] % cfg.checkpointing_steps == 0:
+            saved = cfg.checkpointing_steps and state["step"] % cfg.checkpointing_steps == 0
+            if saved:
                 save_checkpoint()
+            if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
+                path = manager.latest() if saved else save_checkpoint()
+                progress.close()
+                stop.exit(state["step"], path)
         if writing_cache:
             cache.save()
             logger.info("cached the training features in %s", cache.path.parent)
@@ -254,7 +271,11 @@ def main(argv=None) -> int:
         if results["top1"] > state["best_top1"]:
             state["best_top1"], state["best_epoch"] = results["top1"], epoch + 1
             export_model(model, Path(cfg.output_dir) / "best", is_main_process=accelerator.is_main_process)
-        save_checkpoint()
+        path = save_checkpoint()
+        if stop.requested():  # a signal during the evaluation: the epoch's checkpoint is written
+            progress.close()
+            stop.exit(state["step"], path)
+    scope.close()
     progress.close()
 
     # ---- export the classifier (frozen encoder + trained head), card, Hub ----------------------------

@@ -2,13 +2,16 @@
 
     python scripts/make_demo_data.py --out outputs/demo_data [--num_crops 4096 --crop_size 64 --num_shards 4]
 
-`scripts/pretrain.py --config configs/pretrain/demo.yaml` does this itself (`create_demo_data: true`)
-when its `train_dir` holds no parquet files yet.
+`scripts/pretrain.py --config configs/pretrain/demo.yaml` does this itself (`create_demo_data: true`).
+The data goes only into a new or empty folder (marked as demo data), never into one holding other files.
 """
 
 import argparse
 
+import functools
+
 from modeling_mae.training.data import write_demo_dataset
+from modeling_mae.training.demo_data import ensure_demo_data
 
 
 def main(argv=None):
@@ -19,8 +22,12 @@ def main(argv=None):
     parser.add_argument("--num_shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    paths = write_demo_dataset(args.out, args.num_crops, args.crop_size, args.num_shards, args.seed)
-    print(f"wrote {args.num_crops} crops in {len(paths)} parquet shards to {args.out}")
+    write = functools.partial(write_demo_dataset, num_crops=args.num_crops, crop_size=args.crop_size,
+                              num_shards=args.num_shards, seed=args.seed)
+    if ensure_demo_data(args.out, write, field="--out"):
+        print(f"wrote {args.num_crops} crops in {args.num_shards} parquet shards to {args.out}")
+    else:
+        print(f"{args.out} already holds the demo data")
 
 
 if __name__ == "__main__":

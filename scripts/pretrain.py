@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from modeling_mae import MAEConfig, MAEForPreTraining
 from modeling_mae.training.checkpoint import CheckpointManager
@@ -47,11 +48,13 @@ from modeling_mae.training.data import (
     ImageStream,
     StreamTracker,
     count_examples,
+    detect_local_format,
     load_source,
     make_dataloader,
     split_for_process,
     write_demo_dataset,
 )
+from modeling_mae.training.demo_data import ensure_demo_data
 from modeling_mae.training.export import HubPushError, export_model, push_to_hub, write_model_card
 from modeling_mae.training.optim import (
     create_optimizer,
@@ -62,12 +65,15 @@ from modeling_mae.training.optim import (
     steps_for_epochs,
 )
 from modeling_mae.training.runtime import (
+    GracefulStop,
     NonFiniteGuard,
     NonFiniteLossError,
     SpeedMeter,
     flops_per_image,
     make_accelerator,
     peak_flops,
+    resume_command,
+    tracker_hparams,
 )
 from modeling_mae.training.transforms import TrainTransform, normalize_on_device
 
@@ -89,7 +95,7 @@ class PretrainConfig:
     num_train_examples: Optional[int] = None  # epoch length when the dataset does not tell
     shuffle_buffer_size: int = 2000  # examples per shuffle window
     dataloader_num_workers: int = 8
-    create_demo_data: bool = False  # write scikit-image crops into train_dir first if it is empty
+    create_demo_data: bool = False  # write scikit-image crops into train_dir if it is new or empty (marked as demo)
     # ---- model -----------------------------------------------------------------------------------
     model_preset: str = "mae-vit-base-patch16"
     model_name_or_path: Optional[str] = None  # start from saved MAEForPreTraining weights instead
@@ -125,6 +131,8 @@ class PretrainConfig:
     checkpointing_steps: Optional[int] = 1000
     checkpoints_total_limit: Optional[int] = 3
     resume_from_checkpoint: Optional[str] = None  # latest | PATH
+    overwrite_output_dir: bool = False  # start afresh in an output_dir holding another run's results
+    allow_config_change_on_resume: bool = False  # resume even if model / data / seed / batch / schedule differ
     # ---- what the user sees ----------------------------------------------------------------------
     with_tracking: bool = False
     report_to: str = "tensorboard"  # tensorboard | wandb | all | none
@@ -325,19 +333,22 @@ def main(argv=None) -> int:
     is_main = accelerator.is_main_process
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    config_yaml = to_yaml(cfg)
+    # before anything is written: refuse another run's output directory, check a resumed config
+    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
+    resume_path = manager.begin(accelerator, cfg)
+    config_yaml = to_yaml(cfg)  # secrets masked
     if is_main:
         print(f"# resolved config\n{config_yaml}", flush=True)
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml)
 
     if cfg.create_demo_data:
         if cfg.train_dir is None:
             raise ValueError("`create_demo_data` writes into `train_dir`, which is None")
-        if is_main and not any(Path(cfg.train_dir).glob("*.parquet")):
-            paths = write_demo_dataset(cfg.train_dir)
-            logger.info("wrote the demo dataset (%d parquet shards) to %s", len(paths), cfg.train_dir)
+        if is_main and ensure_demo_data(cfg.train_dir, write_demo_dataset):
+            logger.info("wrote the demo dataset to %s", cfg.train_dir)
         accelerator.wait_for_everyone()
+    if cfg.train_dir is not None:
+        detect_local_format(cfg.train_dir)  # a missing, empty or image-less folder fails now, not after the model
 
     # ---- model, data, optimizer ------------------------------------------------------------------
     if cfg.num_threads:
@@ -381,14 +392,12 @@ def main(argv=None) -> int:
 
     # ---- resume ----------------------------------------------------------------------------------
     set_seed(cfg.seed, device_specific=True)  # different masks on every process
-    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
     state = TrainState()
     guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
     tracker = StreamTracker(num_workers=cfg.dataloader_num_workers)
     corrupt_images = 0  # this process's count
     stream_state = None
     sample_log = SampleLog(cfg.output_dir, accelerator.process_index, cfg.log_sample_ids)
-    resume_path = manager.resolve(cfg.resume_from_checkpoint)
     if resume_path is not None:
         trainer_state, process_state = manager.load(accelerator, resume_path)
         state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "samples_seen", "last_loss")})
@@ -400,7 +409,7 @@ def main(argv=None) -> int:
         logger.info("no checkpoint in %s yet: starting from scratch", manager.root)
     sample_log.truncate_after(state.step)
 
-    def save_checkpoint() -> None:
+    def save_checkpoint() -> Path:
         trainer_state = {**dataclasses.asdict(state), "nonfinite": guard.state_dict(), "lr": scheduler.get_last_lr()[0]}
         process_state = {
             "stream": tracker.state_dict(),
@@ -409,10 +418,10 @@ def main(argv=None) -> int:
         }
         path = manager.save(accelerator, state.step, trainer_state, process_state, config_yaml)
         logger.info("saved checkpoint %s", path)
+        return path
 
     if cfg.with_tracking:
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(cfg).items()}
-        accelerator.init_trackers("mae_pretrain", config={**flat, "lr": lr, "effective_batch": eff_batch})
+        accelerator.init_trackers("mae_pretrain", config=tracker_hparams(cfg, lr=lr, effective_batch=eff_batch))
 
     # ---- train -----------------------------------------------------------------------------------
     peak = peak_flops(accelerator.device, cfg.peak_tflops)
@@ -422,6 +431,11 @@ def main(argv=None) -> int:
     window_losses = []
     crash_at = int(os.environ.get("MAE_CRASH_AT_STEP", "-1"))
     exit_code = 0
+    stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
+    last_saved_step = None
+    scope = contextlib.ExitStack()
+    scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
+    scope.enter_context(logging_redirect_tqdm())  # log lines go above the progress bar, not glued onto it
     try:
         while state.step < total_steps:
             stream.set_epoch(state.epoch)
@@ -473,7 +487,10 @@ def main(argv=None) -> int:
                     }
                     if "mfu" in speed:
                         metrics["train/mfu"] = speed["mfu"]
-                    progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed['images_per_s']:.0f}", epoch=state.epoch)
+                    progress.set_postfix(
+                        loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                        img_s=f"{speed['images_per_s']:.0f}", epoch=state.epoch,
+                    )
                     if cfg.with_tracking:
                         accelerator.log(metrics, step=state.step)
                     if is_main and not progress.disable and not sys.stderr.isatty():
@@ -484,11 +501,16 @@ def main(argv=None) -> int:
                         logger.warning("step %d: not checkpointing during a streak of non-finite steps", state.step)
                     else:
                         save_checkpoint()
+                        last_saved_step = state.step
                 if is_main and cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0:
                     png = Path(cfg.output_dir) / "reconstructions" / f"step_{state.step}.png"
                     write_reconstruction(model, preview, png, cfg.seed)
                 if state.step == crash_at:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook (see the module docstring)
+                if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
+                    path = manager.latest() if last_saved_step == state.step else save_checkpoint()
+                    progress.close()
+                    stop.exit(state.step, path)
             if exhausted:
                 if steps_this_epoch == 0 and not resumed_mid_epoch:
                     raise ValueError(
@@ -501,6 +523,8 @@ def main(argv=None) -> int:
         progress.close()
         accelerator.end_training()
         return 2
+    finally:
+        scope.close()
     progress.close()
 
     # ---- final checkpoint, export, model card, Hub -----------------------------------------------

@@ -26,6 +26,7 @@ The paper's numbers (ADE20K, 160k iterations, batch 16): 48.1 mIoU with ViT-B, 5
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -40,12 +41,13 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from modeling_mae import MAEBackbone, MAEConfig, MAEModel, MAEUperNetConfig, MAEUperNetForSemanticSegmentation
+from modeling_mae.file_modes import give_weights_usual_mode
 from modeling_mae.training.checkpoint import CheckpointManager
-from modeling_mae.training.config import parse_config, to_dict, to_yaml
+from modeling_mae.training.config import parse_config, to_yaml
 from modeling_mae.training.export import HubPushError, push_to_hub
 from modeling_mae.training.model_loading import is_official_checkpoint, load_pretrained
 from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups
-from modeling_mae.training.runtime import make_accelerator
+from modeling_mae.training.runtime import GracefulStop, make_accelerator, resume_command, tracker_hparams
 from modeling_mae.training.segmentation_data import (
     IGNORE_INDEX,
     SegEvalTransform,
@@ -130,6 +132,8 @@ class SegmentConfig:
     checkpointing_steps: Optional[int] = 16000
     checkpoints_total_limit: Optional[int] = 2
     resume_from_checkpoint: Optional[str] = None  # latest | PATH
+    overwrite_output_dir: bool = False  # start afresh in an output_dir holding another run's results
+    allow_config_change_on_resume: bool = False  # resume even if model / data / seed / batch / schedule differ
     with_tracking: bool = False
     report_to: str = "tensorboard"
     logging_steps: int = 50
@@ -321,6 +325,7 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
     if cfg.sync_batchnorm and accelerator.num_processes > 1:
         unwrapped = revert_sync_batchnorm(unwrapped)
     unwrapped.save_pretrained(out)
+    give_weights_usual_mode(out)  # safetensors writes 0600; every other file is 0644 (umask)
     image_processor(cfg).save_pretrained(out)
     data = ModelCardData(
         license="apache-2.0", library_name="transformers", pipeline_tag="image-segmentation",
@@ -367,6 +372,9 @@ def main(argv=None) -> dict:
     # Map-style training data: every process must take the same number of steps (DDP), so the last
     # round is padded as accelerate does by default. Evaluation shards its images by hand (no padding).
     accelerator.even_batches = True
+    # before anything is written: refuse another run's output directory, check a resumed config
+    checkpoints = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
+    resume = checkpoints.begin(accelerator, cfg)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         logger.info("config:\n%s", to_yaml(cfg))
@@ -425,15 +433,13 @@ def main(argv=None) -> dict:
     mean_iou = load_mean_iou(cfg.mean_iou_path)
 
     # ---- resume ----------------------------------------------------------------------------------
-    checkpoints = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
     state = {"step": 0, "best_miou": None, "best_step": None, "best": {}, "history": []}
-    resume = checkpoints.resolve(cfg.resume_from_checkpoint)
     if resume is not None:
         trainer_state, _ = checkpoints.load(accelerator, resume)
         state.update(trainer_state)
         logger.info("resumed from %s at step %d", resume, state["step"])
     if cfg.with_tracking:
-        accelerator.init_trackers("segment", config={k: str(v) for k, v in to_dict(cfg).items()})
+        accelerator.init_trackers("segment", config=tracker_hparams(cfg))
 
     effective_batch = cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     logger.info(
@@ -458,6 +464,9 @@ def main(argv=None) -> dict:
     # ---- loop ------------------------------------------------------------------------------------
     model.train()
     running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
+    stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
+    scope = contextlib.ExitStack()
+    scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
     while state["step"] < cfg.max_train_steps:
         epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
         sampler_generator.manual_seed(cfg.seed * 100_003 + epoch)  # the same permutation on every process, every run
@@ -492,10 +501,17 @@ def main(argv=None) -> dict:
                 running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
             if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_train_steps:
                 run_evaluation()
-            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            saved = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
+            if saved:
                 checkpoints.save(accelerator, step, trainer_state=dict(state), config_yaml=to_yaml(cfg))
+            if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
+                path = checkpoints.latest() if saved else checkpoints.save(
+                    accelerator, step, trainer_state=dict(state), config_yaml=to_yaml(cfg))
+                stop.exit(step, path)
             if step >= cfg.max_train_steps or state["step"] % steps_per_epoch == 0:
                 break  # the epoch ends after steps_per_epoch optimizer steps (a partial accumulation is dropped)
+
+    scope.close()
 
     # ---- results ---------------------------------------------------------------------------------
     summary = {"step": state["step"], "best_step": state["best_step"], "best": state["best"],

@@ -20,9 +20,9 @@ CLASSIFIER_CARD_TEMPLATE = """---
 
 ## Results (measured by the training run)
 
-| split | examples | top-1 | top-5 | loss |
+| evaluated on | examples | top-1 | top-5 | loss |
 |---|---|---|---|---|
-| {{ eval_split }} | {{ num_examples }} | {{ top1 }} | {{ top5 }} | {{ loss }} |
+| {{ eval_dataset }} ({{ eval_split }}) | {{ num_examples }} | {{ top1 }} | {{ top5 }} | {{ loss }} |
 
 Best top-1 at epoch {{ best_epoch }} of {{ epochs }}; {{ kept }}.
 
@@ -45,8 +45,14 @@ classifier("cat.jpg")
 
 def write_classifier_card(output_dir, *, repo_id: str, base_model: str, dataset_name: str, eval_split: str,
                           results: dict, best_epoch: int, epochs: int, script: str, method: str,
-                          config_yaml: str, kept: str) -> Path:
-    """README.md with the measured top-1 / top-5 (also as `model-index` eval results)."""
+                          config_yaml: str, kept: str, eval_dataset: str | None = None,
+                          hub_dataset: str | None = None) -> Path:
+    """README.md with the measured top-1 / top-5 (also as `model-index` eval results).
+
+    `dataset_name`: what the text says it was trained on; `eval_dataset` / `eval_split`: what it was
+    evaluated on (default: `dataset_name`); `hub_dataset`: the Hub id for the card's `datasets` metadata
+    (None for local folders)."""
+    eval_dataset = eval_dataset or dataset_name
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     metrics = [("accuracy", "top-1 accuracy", results["top1"]), ("top_5_accuracy", "top-5 accuracy", results["top5"])]
@@ -54,18 +60,20 @@ def write_classifier_card(output_dir, *, repo_id: str, base_model: str, dataset_
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["mae", "vision", "image-classification", "modeling_mae"],
-        datasets=[dataset_name] if dataset_name and not Path(dataset_name).exists() else None,
+        datasets=[hub_dataset] if hub_dataset else None,
         base_model=base_model if base_model and not Path(base_model).exists() else None,
         model_name=repo_id,
         eval_results=[
-            EvalResult(task_type="image-classification", dataset_type=dataset_name, dataset_name=dataset_name,
+            EvalResult(task_type="image-classification", dataset_type=hub_dataset or "imagefolder",
+                       dataset_name=eval_dataset,
                        dataset_split=eval_split, metric_type=kind, metric_name=name, metric_value=round(value, 3))
             for kind, name, value in metrics
         ],
     )
     card = ModelCard.from_template(
         data, template_str=CLASSIFIER_CARD_TEMPLATE, model_name=repo_id, base_model=base_model,
-        dataset_name=dataset_name, eval_split=eval_split, num_examples=results["num_examples"],
+        dataset_name=dataset_name, eval_dataset=eval_dataset, eval_split=eval_split,
+        num_examples=results["num_examples"],
         top1=f"{results['top1']:.2f}%", top5=f"{results['top5']:.2f}%", loss=f"{results['loss']:.4f}",
         best_epoch=best_epoch, epochs=epochs, repo_id=repo_id, script=script, method=method,
         config_yaml=config_yaml, kept=kept,
@@ -92,9 +100,14 @@ def finish_classifier_run(accelerator, model, cfg, state: dict, script: str, met
         output = export_model(accelerator.unwrap_model(model), cfg.output_dir, state_dict=full_state_dict)
         summary = {"last": last, "best": best, "history": state["history"]}
         (output / "eval_results.json").write_text(json.dumps(summary, indent=2))
+        if cfg.dataset_name:  # a Hub dataset: both splits from it
+            data = dict(dataset_name=cfg.dataset_name, hub_dataset=cfg.dataset_name, eval_split=cfg.validation_split,
+                        eval_dataset=cfg.validation_dir or cfg.dataset_name)
+        else:  # local folders: trained on train_dir, evaluated on validation_dir
+            data = dict(dataset_name=f"local image folders ({cfg.train_dir} for training, {cfg.validation_dir} for "
+                        f"evaluation)", hub_dataset=None, eval_dataset=cfg.validation_dir, eval_split="validation_dir")
         card = dict(
-            repo_id=cfg.hub_model_id or Path(cfg.output_dir).name, base_model=cfg.model_name_or_path,
-            dataset_name=cfg.dataset_name or cfg.train_dir, eval_split=cfg.validation_split,
+            repo_id=cfg.hub_model_id or Path(cfg.output_dir).name, base_model=cfg.model_name_or_path, **data,
             best_epoch=state["best_epoch"], epochs=cfg.num_train_epochs, script=script, method=method,
             config_yaml=to_yaml(cfg),
         )

@@ -6,7 +6,7 @@
 Rules: unknown keys (in the YAML or on the command line) are rejected with a message naming them;
 values are converted to the field's type (int, float, bool, str, lists, Optional[...]). Declare configs
 with `@dataclasses.dataclass(frozen=True)` so nothing mutates them after parsing; validate in
-`__post_init__`. `to_yaml(cfg)` / `asdict(cfg)` serialise it.
+`__post_init__`. `to_yaml(cfg)` / `to_dict(cfg)` serialise it, with secrets masked (`secrets.py`).
 """
 
 from __future__ import annotations
@@ -127,8 +127,12 @@ def parse_config(cls, argv: Sequence[str] | None = None, description: str | None
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as a dict for saving, printing and trackers: secrets (hub_token, ...) masked."""
+    from .secrets import mask_secrets
+
+    return mask_secrets(dataclasses.asdict(cfg))
 
 
 def to_yaml(cfg) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    """The config as YAML (config.yaml, checkpoints, model cards, stdout): secrets masked."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

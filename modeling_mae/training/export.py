@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..file_modes import give_weights_usual_mode
+
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
 CHECKPOINT_PATTERNS = ["checkpoints/*", "checkpoints/**"]
@@ -38,6 +40,7 @@ def export_model(
     if is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output_dir, image_processor=image_processor, state_dict=state_dict, is_main_process=True)
+        give_weights_usual_mode(output_dir)  # safetensors writes 0600; every other file is 0644 (umask)
     return output_dir
 
 
