@@ -3,17 +3,21 @@
 `create_demo_data: true` (the demo configs) writes generated images into `train_dir`. A user who points
 `--train_dir` at their own photographs must never get our crops mixed into them, so the demo data is
 written only into a folder that does not exist yet or is empty, under a temporary name, with a marker
-file, and renamed into place when complete. A later run finds the marker and reuses the data; a folder
-holding anything else is refused.
+file, and renamed into place when complete. A later run finds the marker and reuses the data. A folder
+holding anything else is left untouched (with a warning): the run reads it as the user's own data, and
+`data.detect_local_format` stops it at once if there is no readable image in it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
+
+logger = logging.getLogger(__name__)
 
 DEMO_MARKER = ".modeling_mae_demo_data"
 
@@ -25,18 +29,18 @@ def is_demo_folder(directory: str | os.PathLike) -> bool:
 def ensure_demo_data(directory: str | os.PathLike, write: Callable[[Path], object], field: str = "train_dir") -> bool:
     """Write demo data with `write(folder)` into `directory` unless it is already there.
 
-    Returns True when it wrote the data, False when a complete demo folder (with the marker) was found.
-    Raises ValueError (one line) when `directory` holds anything the demo did not write."""
+    Returns True when it wrote the data; False when it wrote nothing: a complete demo folder (with the
+    marker) was found, or the folder holds files the demo did not write (never mixed with demo data)."""
     target = Path(directory).expanduser()
     if target.exists():
         if is_demo_folder(target):
             return False
         if not target.is_dir() or any(target.iterdir()):
-            raise ValueError(
-                f"`create_demo_data` writes only into a new or empty folder, but `{field}` {str(target)!r} already "
-                f"holds files not written by the demo; set `create_demo_data: false` to train on them, or choose "
-                f"another `{field}` for the demo"
+            logger.warning(
+                "`create_demo_data`: `%s` %r holds files not written by the demo; no demo data written into it, "
+                "the run reads it as your data", field, str(target),
             )
+            return False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.demo-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
