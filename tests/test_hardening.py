@@ -396,6 +396,71 @@ def test_sigterm_on_two_processes_checkpoints_and_resumes_exactly(tmp_path):
     _assert_same_weights(tmp_path / "ref", out)
 
 
+def _signal_on_call(module, monkeypatch, call: int, sig=signal.SIGTERM):
+    """Make the script's `normalize_on_device` send `sig` to this process on its `call`-th use (a real
+    signal, mid-step: the handler runs, the step goes on)."""
+    original, calls = module.normalize_on_device, []
+
+    def normalize(pixel_values):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), sig)
+        return original(pixel_values)
+
+    monkeypatch.setattr(module, "normalize_on_device", normalize)
+
+
+@pytest.mark.slow
+def test_finetune_and_segment_stop_on_sigterm_and_resume_exactly(tmp_path, monkeypatch, capfd):
+    """SIGTERM during step 2: the step finishes, checkpoint step_2, exit 143 with the resume command;
+    resuming ends with the same history (fine-tune) / losses and weights (segment) as an uninterrupted run."""
+    torch.manual_seed(0)
+    pretrained = tmp_path / "pretrained"
+    MAEForPreTraining(MAEConfig.from_preset("mae-tiny")).save_pretrained(pretrained)
+    train = make_synthetic_classification(tmp_path / "cls" / "train", num_per_class=8, seed=0)
+    val = make_synthetic_classification(tmp_path / "cls" / "validation", num_per_class=2, seed=1)
+    finetune = load_script("finetune")
+    ft_args = ["--config", str(REPO / "configs/finetune/demo.yaml"), "--model_name_or_path", str(pretrained),
+               "--train_dir", str(train), "--validation_dir", str(val), "--create_demo_data", "false",
+               "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--logging_steps", "1000"]
+    assert finetune.main(ft_args + ["--output_dir", str(tmp_path / "ft_ref")]) == 0
+    out = tmp_path / "ft"
+    with monkeypatch.context() as patch:
+        _signal_on_call(finetune, patch, call=2)  # 4 steps per epoch: stops mid-epoch 1
+        with pytest.raises(SystemExit) as err:
+            finetune.main(ft_args + ["--output_dir", str(out)])
+    assert err.value.code == 128 + signal.SIGTERM
+    assert [p.name for p in CheckpointManager(out).complete_checkpoints()] == ["step_2"]
+    assert "resume with: python scripts/finetune.py" in capfd.readouterr().err
+    assert finetune.main(ft_args + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"]) == 0
+    history = json.loads((out / "eval_results.json").read_text())["history"]
+    reference = json.loads((tmp_path / "ft_ref" / "eval_results.json").read_text())["history"]
+    assert history == [pytest.approx(h, rel=1e-6) for h in reference]
+
+    segment = load_script("segment")
+    data = write_synthetic_ade_folder(tmp_path / "seg_data", num_train=8, num_val=1, size=32, num_classes=3)
+    seg_args = [
+        "--config", str(REPO / "configs/segment/demo.yaml"), "--data_dir", str(data), "--num_labels", "3",
+        "--model_config", "{patch_size: 8, num_hidden_layers: 2, image_size: 32, hidden_size: 32}",
+        "--out_indices", "[2]", "--crop_size", "32", "--base_scale", "[64, 32]", "--eval_stride", "16",
+        "--per_device_train_batch_size", "2", "--max_train_steps", "6", "--num_warmup_steps", "1",
+        "--logging_steps", "1", "--eval_steps", "100", "--checkpointing_steps", "100",
+    ]
+    straight = segment.main(seg_args + ["--output_dir", str(tmp_path / "seg_ref")])
+    out = tmp_path / "seg"
+    with monkeypatch.context() as patch:
+        _signal_on_call(segment, patch, call=2)
+        with pytest.raises(SystemExit) as err:
+            segment.main(seg_args + ["--output_dir", str(out)])
+    assert err.value.code == 128 + signal.SIGTERM
+    assert [p.name for p in CheckpointManager(out).complete_checkpoints()] == ["step_2"]
+    resumed = segment.main(seg_args + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert resumed["train_loss"] == straight["train_loss"]
+    a, b = load_file(tmp_path / "seg_ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 # --------------------------------------------------------------------------------------------------
 # 8. Small things
 # --------------------------------------------------------------------------------------------------
