@@ -78,6 +78,12 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
             (the official fine-tuning head); `"cls"` = the CLS token after the final LayerNorm (linear probe).
         linear_probe_head (`bool`, defaults to `False`): put `BatchNorm1d(affine=False, eps=1e-6)` before
             the classifier Linear, as the official linear probe does.
+        use_relative_position_bias (`bool`, defaults to `False`): a learned relative position bias per
+            encoder block (BEiT's), added to the attention logits; transfer-only (MAE pretraining has none),
+            zero-initialised, as in the paper's ADE20K setup (appendix A.4). See `relative_position.py`.
+        layer_scale_init_value (`float`, defaults to 0.0): > 0 adds per-channel layer scale (gammas) on the
+            attention and MLP branches of every encoder block, starting at this value (1.0 in the
+            mmsegmentation MAE ADE20K recipe); 0 = none (the paper's plain ViT).
         out_features / out_indices: backbone stages (`"stem"`, `"stage1"` ... `"stageN"`, one per block).
     """
 
@@ -109,6 +115,8 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
         norm_pix_loss=True,
         pooling="mean",
         linear_probe_head=False,
+        use_relative_position_bias=False,
+        layer_scale_init_value=0.0,
         out_features=None,
         out_indices=None,
         **kwargs,
@@ -141,6 +149,8 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
         self.norm_pix_loss = norm_pix_loss
         self.pooling = pooling
         self.linear_probe_head = linear_probe_head
+        self.use_relative_position_bias = use_relative_position_bias
+        self.layer_scale_init_value = layer_scale_init_value
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         self.validate()
@@ -207,6 +217,13 @@ class MAEConfig(BackboneConfigMixin, PretrainedConfig):
             value = getattr(self, name)
             if not (0.0 <= float(value) < 1.0):
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}")
+        if not isinstance(self.use_relative_position_bias, bool):
+            raise ValueError(f"`use_relative_position_bias` must be a bool, got {self.use_relative_position_bias!r}")
+        if isinstance(self.layer_scale_init_value, bool) or not isinstance(self.layer_scale_init_value, (int, float)) \
+                or self.layer_scale_init_value < 0:
+            raise ValueError(
+                f"`layer_scale_init_value` must be a float >= 0 (0 = no layer scale), got {self.layer_scale_init_value!r}"
+            )
         if self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
 

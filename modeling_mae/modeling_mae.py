@@ -15,6 +15,7 @@ This file only imports torch and transformers (and its siblings in this package)
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,10 @@ from transformers.utils import ModelOutput
 from .configuration_mae import MAEConfig
 from .masking import make_noise, random_masking
 from .pos_embed import interpolate_pos_embed, sincos_2d
+from .relative_position import MAERelativePositionBias
 
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -170,20 +174,30 @@ class MAEAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.config = config
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False, first_query: int = 0):
+    def forward(
+        self,
+        x: torch.Tensor,
+        output_attentions: bool = False,
+        first_query: int = 0,
+        attention_bias: torch.Tensor | None = None,
+    ):
         """x: (N, T, D) -> (N, T - first_query, D), and (N, heads, T - first_query, T) weights when
-        `output_attentions`. Every token is a key; only tokens from `first_query` on are queries."""
+        `output_attentions`. Every token is a key; only tokens from `first_query` on are queries.
+        `attention_bias` (heads, T - first_query, T), optional: added to the scaled logits before the
+        softmax (the relative position bias; an additive mask for SDPA)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
         q = q[:, :, first_query:]
         dropout = self.attn_drop if self.training else 0.0
         weights = None
+        bias = attention_bias.to(q.dtype).unsqueeze(0) if attention_bias is not None else None
         if output_attentions or getattr(self.config, "_attn_implementation", "sdpa") == "eager":
-            weights = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            weights = torch.softmax(logits + bias if bias is not None else logits, dim=-1)
             out = F.dropout(weights, dropout, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(batch, tokens - first_query, dim)
         return self.proj_drop(self.proj(out)), (weights if output_attentions else None)
 
@@ -201,9 +215,21 @@ class MAEMLP(nn.Module):
 
 
 class MAELayer(GradientCheckpointingLayer):
-    """Pre-norm ViT block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+    """Pre-norm ViT block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
 
-    def __init__(self, config: MAEConfig, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float = 0.0):
+    Transfer options (encoder blocks only, see `MAEConfig`): a relative position bias table added to the
+    attention logits (`relative_position_bias`), and layer scale, x + DropPath(gamma_1 * Attn(LN(x))) and
+    x + DropPath(gamma_2 * MLP(LN(x))) with per-channel `layer_scale_1` / `layer_scale_2`."""
+
+    def __init__(
+        self,
+        config: MAEConfig,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        drop_path_rate: float = 0.0,
+        transfer_options: bool = False,
+    ):
         super().__init__()
         self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attention = MAEAttention(
@@ -212,12 +238,35 @@ class MAELayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = MAEMLP(dim, mlp_dim, config.hidden_act, config.hidden_dropout_prob)
         self.drop_path_rate = drop_path_rate
+        use_bias = transfer_options and config.use_relative_position_bias
+        self.relative_position_bias = MAERelativePositionBias(config.grid_size, num_heads) if use_bias else None
+        use_scale = transfer_options and config.layer_scale_init_value > 0
+        self.layer_scale_1 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value))) if use_scale else None
+        self.layer_scale_2 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value))) if use_scale else None
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, first_query: int = 0):
-        """(N, T, D) -> (N, T - first_query, D): tokens before `first_query` are attended to but not updated."""
-        attn_out, weights = self.attention(self.layernorm_before(hidden_states), output_attentions, first_query)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        first_query: int = 0,
+        grid: tuple[int, int] | None = None,
+    ):
+        """(N, T, D) -> (N, T - first_query, D): tokens before `first_query` are attended to but not updated.
+        `grid`: the (rows, cols) patch grid of the T - 1 patch tokens, needed by the relative position bias."""
+        bias = None
+        if self.relative_position_bias is not None:
+            if grid is None:
+                raise ValueError("a block with a relative position bias needs the patch grid (`grid=(rows, cols)`)")
+            bias = self.relative_position_bias(grid)[:, first_query:]
+        attn_out, weights = self.attention(
+            self.layernorm_before(hidden_states), output_attentions, first_query, attention_bias=bias
+        )
+        if self.layer_scale_1 is not None:
+            attn_out = self.layer_scale_1 * attn_out
         hidden_states = hidden_states[:, first_query:] + drop_path(attn_out, self.drop_path_rate, self.training)
         mlp_out = self.mlp(self.layernorm_after(hidden_states))
+        if self.layer_scale_2 is not None:
+            mlp_out = self.layer_scale_2 * mlp_out
         hidden_states = hidden_states + drop_path(mlp_out, self.drop_path_rate, self.training)
         return hidden_states, weights
 
@@ -227,15 +276,18 @@ class MAEEncoder(nn.Module):
         super().__init__()
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
         self.layer = nn.ModuleList(
-            MAELayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
+            MAELayer(
+                config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate,
+                transfer_options=True,
+            )
             for rate in rates
         )
 
-    def forward(self, hidden_states, output_attentions=False, output_hidden_states=False):
+    def forward(self, hidden_states, output_attentions=False, output_hidden_states=False, grid=None):
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         for block in self.layer:
-            hidden_states, weights = block(hidden_states, output_attentions)
+            hidden_states, weights = block(hidden_states, output_attentions, grid=grid)
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden_states,)
             if output_attentions:
@@ -316,6 +368,29 @@ class MAEDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Pretrained base
 # --------------------------------------------------------------------------------------------------
+TRANSFER_ONLY_PARAMETERS = ("relative_position_bias_table", "layer_scale_1", "layer_scale_2")
+
+
+def is_transfer_only(name: str) -> bool:
+    """Parameters no MAE pretraining checkpoint has: relative position tables and layer-scale gammas."""
+    return name.rsplit(".", 1)[-1] in TRANSFER_ONLY_PARAMETERS
+
+
+def log_new_transfer_parameters(missing_keys, config: MAEConfig) -> list[str]:
+    """One log line when a checkpoint lacked the transfer-only parameters: they keep their start values
+    (tables zero, gammas `layer_scale_init_value`), with which the encoder computes exactly what the
+    plain ViT computes. Returns those keys."""
+    new = sorted(k for k in missing_keys if is_transfer_only(k))
+    if new:
+        tables = sum(k.endswith("relative_position_bias_table") for k in new)
+        logger.info(
+            "checkpoint without transfer-only parameters: %d relative position bias table(s) start at zero and "
+            "%d layer-scale gamma(s) at %s (the plain ViT's output until they are trained)",
+            tables, len(new) - tables, config.layer_scale_init_value,
+        )
+    return new
+
+
 class MAEPreTrainedModel(PreTrainedModel):
     config_class = MAEConfig
     base_model_prefix = "mae"
@@ -333,12 +408,12 @@ class MAEPreTrainedModel(PreTrainedModel):
         self.set_position_embeddings_trainable()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
         # loading re-creates parameters with requires_grad=True: restore the fixed tables' freeze
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model.set_position_embeddings_trainable()
-        return loaded
+        log_new_transfer_parameters(info["missing_keys"], model.config)
+        return (model, info) if output_loading_info else model
 
     def set_position_embeddings_trainable(self, trainable: bool | None = None):
         """Freeze the decoder's table always, and the encoder's unless `trainable` (default: the class's rule)."""
@@ -379,6 +454,11 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.normal_(module.cls_token, std=self.config.initializer_range)
             table = sincos_2d(self.config.hidden_size, self.config.grid_size).unsqueeze(0)
             init.copy_(module.position_embeddings, table.to(module.position_embeddings.dtype))
+        elif isinstance(module, MAERelativePositionBias):  # transfer-only: starts as "no bias" (paper, A.4)
+            init.zeros_(module.relative_position_bias_table)
+        elif isinstance(module, MAELayer) and module.layer_scale_1 is not None:
+            init.constant_(module.layer_scale_1, float(self.config.layer_scale_init_value))
+            init.constant_(module.layer_scale_2, float(self.config.layer_scale_init_value))
         elif isinstance(module, MAEDecoder):
             init.normal_(module.mask_token, std=self.config.initializer_range)
             table = sincos_2d(self.config.decoder_hidden_size, self.config.grid_size).unsqueeze(0)
@@ -387,7 +467,7 @@ class MAEPreTrainedModel(PreTrainedModel):
     # ---- what optimizers and layer decay ask the model (timm's interface) ------------------------
     def no_weight_decay(self) -> set[str]:
         """Names of parameters kept out of weight decay besides biases and norms (dim < 2)."""
-        names = {"cls_token", "position_embeddings", "mask_token", "decoder_pos_embed"}
+        names = {"cls_token", "position_embeddings", "mask_token", "decoder_pos_embed", "relative_position_bias_table"}
         return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in names}
 
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -510,12 +590,17 @@ class MAEModel(MAEPreTrainedModel):
             ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"`mask_ratio` must be in [0, 1), got {ratio!r}")
+            if self.config.use_relative_position_bias:
+                raise ValueError(
+                    "`use_relative_position_bias` is a transfer option (the bias needs every patch of the grid); "
+                    "it cannot be combined with masking (`noise` / `mask_ratio`)"
+                )
             if noise is None:
                 noise = make_noise(self.config.mask_strategy, x.shape[0], grid, ratio, device=x.device)
             x, mask, ids_restore, _ = random_masking(x, noise.to(x.device), ratio)
         x = torch.cat([cls, x], dim=1)
 
-        hidden, all_hidden, all_attn = self.encoder(x, output_attentions, output_hidden_states)
+        hidden, all_hidden, all_attn = self.encoder(x, output_attentions, output_hidden_states, grid=grid)
         sequence_output = self.layernorm(hidden) if self.layernorm is not None else hidden
         pooled = self.pool(hidden, sequence_output) if self.add_pooling_layer else None
 

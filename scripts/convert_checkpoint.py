@@ -8,12 +8,16 @@ Into our format (OUTPUT_DIR is a save_pretrained directory with the image proces
     python scripts/convert_checkpoint.py --source official https://dl.fbaipublicfiles.com/mae/visualize/mae_visualize_vit_large.pth out/vis-l
     python scripts/convert_checkpoint.py --source transformers facebook/vit-mae-base out/vit-mae-base
     python scripts/convert_checkpoint.py --source timm timm/vit_base_patch16_224.mae out/timm-mae-b
+    python scripts/convert_checkpoint.py --source mmseg \
+        https://download.openmmlab.com/mmsegmentation/v0.5/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k/upernet_mae-base_fp16_8x2_512x512_160k_ade20k_20220426_174752-f92a2975.pth \
+        out/mae-upernet-ade20k      # mmsegmentation MAE + UperNet -> MAEUperNetForSemanticSegmentation
 
 Out of our format (INPUT is our save_pretrained directory):
 
     python scripts/convert_checkpoint.py --to official out/mae-vit-base mae_vit_base.pth
     python scripts/convert_checkpoint.py --to transformers out/vis-l out/vit-mae-large-hf
     python scripts/convert_checkpoint.py --to timm out/finetuned vit_base_finetuned.safetensors
+    python scripts/convert_checkpoint.py --to mmseg out/mae-upernet-ade20k upernet_mae.pth
 """
 
 from __future__ import annotations
@@ -43,13 +47,19 @@ from modeling_mae.conversion import (  # noqa: E402
     timm_model_kwargs,
 )
 from modeling_mae.conversion.checkpoint_io import fetch_checkpoint  # noqa: E402
+from modeling_mae.conversion.mmseg import convert_mmseg_to_mae, mae_to_mmseg, save_mmseg  # noqa: E402
 from modeling_mae.file_modes import give_weights_usual_mode  # noqa: E402
 
 
-FORMATS = ("official", "transformers", "timm")
+FORMATS = ("official", "transformers", "timm", "mmseg")
 SOURCE_ONLY_OPTIONS = (
     "model_class", "image_size", "source_image_size", "num_attention_heads", "decoder_num_attention_heads", "pooling",
     "norm_pix_loss", "mask_ratio", "imagenet_labels", "state_dict_key", "revision", "allow_missing", "allow_unexpected",
+    "out_indices",
+)
+MMSEG_INAPPLICABLE = (
+    "model_class", "source_image_size", "num_attention_heads", "decoder_num_attention_heads", "pooling", "norm_pix_loss",
+    "mask_ratio", "imagenet_labels", "revision", "allow_missing",
 )
 logger = logging.getLogger("convert_checkpoint")
 
@@ -100,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     into.add_argument("--revision", default=None, help="Hub revision (transformers source)")
     into.add_argument("--allow_missing", action="store_true", help="initialise weights the checkpoint lacks")
     into.add_argument("--allow_unexpected", action="store_true", help="drop checkpoint keys the model has no place for")
+    into.add_argument("--out_indices", type=lambda v: [int(i) for i in v.split(",")], default=None,
+                      help="mmseg: the 4 blocks (1-based, e.g. 4,6,8,12) feeding the pyramid; default: the MAE "
+                      "configs' for 12 or 24 blocks")
     out = parser.add_argument_group("export")
     out.add_argument("--allow_dropped", action="store_true", help="leave out weights the target format cannot hold")
     return parser
@@ -117,7 +130,23 @@ def config_overrides(args) -> dict:
     return overrides
 
 
+def convert_mmseg(args):
+    checkpoint = load_checkpoint(fetch_checkpoint(args.input), state_dict_key=args.state_dict_key or "state_dict")
+    config, model = convert_mmseg_to_mae(
+        checkpoint.state_dict, out_indices=args.out_indices, image_size=args.image_size,
+        allow_unexpected=args.allow_unexpected,
+    )
+    model.save_pretrained(args.output)
+    give_weights_usual_mode(args.output)  # safetensors writes 0600
+    backbone = config.backbone_config
+    print(f"mmseg {args.input} -> {type(model).__name__} in {args.output} (image {backbone.image_hw}, patch "
+          f"{backbone.patch_size}, width {backbone.hidden_size}, {backbone.num_hidden_layers} blocks, blocks "
+          f"{backbone.out_indices} -> pyramid, {config.num_labels} classes)")
+
+
 def convert_into_ours(args):
+    if args.source == "mmseg":
+        return convert_mmseg(args)
     common = dict(
         model_class=args.model_class,
         image_size=args.image_size,
@@ -148,6 +177,13 @@ def convert_into_ours(args):
 
 
 def export_ours(args):
+    if args.to == "mmseg":
+        from modeling_mae import MAEUperNetForSemanticSegmentation
+
+        model = MAEUperNetForSemanticSegmentation.from_pretrained(args.input).eval()
+        path = save_mmseg(mae_to_mmseg(model), args.output, meta={"converted_from": str(args.input)})
+        print(f"{args.input} ({type(model).__name__}) -> mmseg {path}")
+        return
     model = load_mae_model(args.input)
     if args.to == "official":
         path = save_official(mae_to_official(model, allow_dropped=args.allow_dropped), args.output)
@@ -176,6 +212,12 @@ def main(argv=None):
     else:
         if args.allow_dropped:
             parser.error("--allow_dropped applies to --to exports; use --allow_unexpected with --source")
+        if args.source == "mmseg":
+            given = [f"--{name}" for name in MMSEG_INAPPLICABLE if getattr(args, name) != parser.get_default(name)]
+            if given:
+                parser.error(f"{', '.join(given)} do not apply to --source mmseg")
+        elif args.out_indices is not None:
+            parser.error("--out_indices applies to --source mmseg only")
         convert_into_ours(args)
 
 

@@ -41,7 +41,9 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from modeling_mae import MAEBackbone, MAEConfig, MAEModel, MAEUperNetConfig, MAEUperNetForSemanticSegmentation
+from modeling_mae.conversion.convert import interpolate_positions
 from modeling_mae.file_modes import give_weights_usual_mode
+from modeling_mae.modeling_mae import is_transfer_only, log_new_transfer_parameters
 from modeling_mae.training.checkpoint import CheckpointManager
 from modeling_mae.training.config import parse_config, to_yaml
 from modeling_mae.training.export import HubPushError, push_to_hub
@@ -81,6 +83,10 @@ class SegmentConfig:
     model_config: dict = field(default_factory=dict)
     out_indices: list[int] = field(default_factory=lambda: [4, 6, 8, 12])  # blocks feeding strides 4/8/16/32
     drop_path_rate: float = 0.1
+    # BEiT's relative position bias (zero-initialised, transfer-only) and layer scale (gammas starting at
+    # this value; 0 = none), as mmsegmentation's MAE backbone: the ADE20K config turns both on
+    use_relative_position_bias: bool = False
+    layer_scale_init_value: float = 0.0
     decoder_hidden_size: int = 768  # UperNet channels (UperNetConfig.hidden_size)
     use_auxiliary_head: bool = True
     auxiliary_channels: int = 256
@@ -180,19 +186,51 @@ def label_names(cfg: SegmentConfig) -> dict[int, str]:
     return names
 
 
+def transfer_options(cfg: SegmentConfig) -> dict:
+    """MAEConfig fields the segmentation recipe sets on the pretrained encoder."""
+    return dict(
+        out_indices=list(cfg.out_indices),
+        drop_path_rate=cfg.drop_path_rate,
+        use_relative_position_bias=cfg.use_relative_position_bias,
+        layer_scale_init_value=cfg.layer_scale_init_value,
+    )
+
+
 def load_backbone(cfg: SegmentConfig) -> MAEBackbone:
-    """The encoder of any MAE checkpoint (pretraining, encoder or classifier; ours, converted or official)."""
-    overrides = dict(out_indices=list(cfg.out_indices), drop_path_rate=cfg.drop_path_rate)
+    """The encoder of any MAE checkpoint (pretraining, encoder or classifier; ours, converted or official).
+
+    Relative position tables and layer-scale gammas the checkpoint lacks start at zero and at
+    `layer_scale_init_value` (logged once). With the relative position bias on, the backbone is rebuilt
+    at the crop size, as mmsegmentation builds its MAE backbone at `img_size=(512, 512)`: the tables
+    then train at the grid they are used at, and the position table is resized once here instead of
+    at every forward."""
+    overrides = transfer_options(cfg)
     if is_official_checkpoint(cfg.model_name_or_path):  # the converter builds an MAEModel; move its blocks over
         encoder = load_pretrained(MAEModel, cfg.model_name_or_path, **cfg.model_config)
         backbone = MAEBackbone(MAEConfig.from_dict({**encoder.config.to_dict(), "out_features": None, **overrides}))
         missing = backbone.mae.load_state_dict(encoder.state_dict(), strict=False).missing_keys
+        missing = [k for k in missing if k not in log_new_transfer_parameters(missing, backbone.config)]
     else:
         backbone, info = MAEBackbone.from_pretrained(cfg.model_name_or_path, output_loading_info=True, **overrides)
-        missing = [k for k in info["missing_keys"] if not k.startswith("pyramid.")]
+        missing = [k for k in info["missing_keys"] if not k.startswith("pyramid.") and not is_transfer_only(k)]
     if missing:
         raise ValueError(f"{cfg.model_name_or_path!r} is not an MAE encoder checkpoint: missing {sorted(missing)[:5]}")
+    if cfg.use_relative_position_bias:
+        backbone = backbone_at_size(backbone, cfg.crop_size)
     return backbone
+
+
+def backbone_at_size(backbone: MAEBackbone, image_size: int) -> MAEBackbone:
+    """The same backbone built for `image_size` inputs: position and relative position tables resized."""
+    source_grid = backbone.config.grid_size
+    config = MAEConfig.from_dict({**backbone.config.to_dict(), "image_size": image_size, "out_features": None,
+                                  "out_indices": list(backbone.config.out_indices)})
+    if config.grid_size == source_grid:
+        return backbone
+    resized = MAEBackbone(config)
+    resized.load_state_dict(interpolate_positions(backbone.state_dict(), source_grid, config.grid_size), strict=True)
+    resized.set_position_embeddings_trainable()
+    return resized
 
 
 def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
@@ -206,7 +244,7 @@ def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
         loss_ignore_index=IGNORE_INDEX,
     )
     if cfg.model_preset is not None:
-        overrides = {**cfg.model_config, "out_indices": list(cfg.out_indices), "drop_path_rate": cfg.drop_path_rate}
+        overrides = {**cfg.model_config, **transfer_options(cfg)}
         backbone_config = MAEConfig.from_preset(cfg.model_preset, **overrides)
         return MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=backbone_config, **heads, **labels))
     if not is_official_checkpoint(cfg.model_name_or_path):
@@ -274,7 +312,8 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
     areas = accelerator.reduce(areas, reduction="sum").cpu().numpy()
     model.train()
     results = mean_iou.metrics_from_areas(*areas)
-    return {k: v for k, v in results.items() if not isinstance(v, np.ndarray)}
+    per_class = [None if np.isnan(v) else float(v) for v in results["per_category_iou"]]  # None: class absent
+    return {**{k: v for k, v in results.items() if not isinstance(v, np.ndarray)}, "per_category_iou": per_class}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +333,7 @@ ViT encoder, fine-tuned with `scripts/segment.py` of modeling_mae on **{{ datase
 |---|---|
 | best mIoU | {{ best_miou }} (step {{ best_step }}) |
 | mean accuracy / overall accuracy | {{ best_macc }} / {{ best_aacc }} |
+| aAcc / mIoU / mAcc (%, as mmsegmentation reports) | {{ best_aacc_pct }} / {{ best_miou_pct }} / {{ best_macc_pct }} |
 | evaluation | {{ eval_mode }}, crop {{ crop_size }} |
 | training | {{ steps }} iterations, batch {{ effective_batch }}, lr {{ lr }}, layer decay {{ layer_decay }} |
 
@@ -305,6 +345,12 @@ processor = AutoImageProcessor.from_pretrained("{{ repo_id }}")
 model = AutoModelForSemanticSegmentation.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 logits = model(**processor(images=image, return_tensors="pt")).logits  # (1, {{ num_labels }}, H, W)
 ```
+
+Per-class IoU at the best step (%; "-" = class in neither predictions nor annotations):
+
+| class | IoU |
+|---|---|
+{{ per_class_rows }}
 
 The resolved run config:
 
@@ -339,6 +385,13 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
         repo_id=cfg.hub_model_id or cfg.output_dir, config_yaml=to_yaml(cfg), **card_values,
     )
     card.save(out / "README.md")
+
+
+def per_class_rows(per_class_iou: list, names: dict[int, str]) -> str:
+    """Markdown rows `| name | IoU % |` for the model card."""
+    return "\n".join(
+        f"| {names.get(i, i)} | {'-' if iou is None else f'{100 * iou:.2f}'} |" for i, iou in enumerate(per_class_iou)
+    )
 
 
 def pyramid_strides(model) -> list[float]:
@@ -453,12 +506,15 @@ def main(argv=None) -> dict:
         state["history"].append({"step": step, **results})
         logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f", step, results["mean_iou"],
                     results["mean_accuracy"], results["overall_accuracy"])
-        accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+        accelerator.log({f"eval/{k}": v for k, v in results.items() if not isinstance(v, list)}, step=step)
         if state["best_miou"] is None or results["mean_iou"] > state["best_miou"]:
             state.update(best_miou=results["mean_iou"], best_step=step, best=results)
             export(model, accelerator, cfg, card_values=dict(
                 best_miou=f"{results['mean_iou']:.4f}", best_step=step, best_macc=f"{results['mean_accuracy']:.4f}",
                 best_aacc=f"{results['overall_accuracy']:.4f}", steps=step, effective_batch=effective_batch,
+                best_aacc_pct=f"{results['aAcc']:.2f}", best_miou_pct=f"{results['mIoU']:.2f}",
+                best_macc_pct=f"{results['mAcc']:.2f}",
+                per_class_rows=per_class_rows(results["per_category_iou"], label_names(cfg)),
             ))
 
     # ---- loop ------------------------------------------------------------------------------------

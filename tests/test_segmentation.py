@@ -267,6 +267,10 @@ def test_mean_iou_matches_hand_computed_values():
     assert result["mean_iou"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 3) / 3)
     assert result["mean_accuracy"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     assert result["overall_accuracy"] == pytest.approx(6 / 8)
+    # mmsegmentation's columns, in percent
+    assert result["aAcc"] == pytest.approx(75.0)
+    assert result["mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 2 / 3) / 3)
+    assert result["mAcc"] == pytest.approx(100 * (2 / 3 + 2 / 3 + 1) / 3)
 
     # areas are summed over images before dividing (not a mean of per-image IoUs)
     metric.add_batch(predictions=[np.zeros((2, 2), int)], references=[np.zeros((2, 2), int)])
@@ -326,7 +330,13 @@ def test_segment_script_lowers_the_loss_and_exports(tmp_path):
     assert (out / "checkpoints" / "step_32" / "trainer_state.json").is_file()
     reloaded = MAEUperNetForSemanticSegmentation.from_pretrained(out)
     assert reloaded.config.num_labels == 3 and reloaded.config.backbone_config.out_indices == [1, 2, 3, 4]
-    assert (out / "preprocessor_config.json").is_file() and "mIoU" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (out / "preprocessor_config.json").is_file() and "mIoU" in card
+    assert "aAcc / mIoU / mAcc" in card and "| class | IoU |" in card
+    per_class = summary["best"]["per_category_iou"]
+    assert len(per_class) == 3 and all(f"| {i} | " in card for i in range(3))
+    present = [v for v in per_class if v is not None]
+    assert summary["best"]["mIoU"] == pytest.approx(100 * sum(present) / len(present))
 
 
 def test_segment_script_fine_tunes_a_pretraining_checkpoint(tmp_path):

@@ -4,7 +4,8 @@
     metric = evaluate.load("metrics/mean_iou")          # a directory holding this file
     metric.compute(predictions=pred_maps, references=label_maps, num_labels=150, ignore_index=255)
     # {'mean_iou': ..., 'mean_accuracy': ..., 'overall_accuracy': ...,
-    #  'per_category_iou': array(150), 'per_category_accuracy': array(150)}
+    #  'per_category_iou': array(150), 'per_category_accuracy': array(150),
+    #  'aAcc': ..., 'mIoU': ..., 'mAcc': ...}   # the same three in percent, as mmsegmentation reports them
 
 The interface and the numbers are those of the Hub's `evaluate-metric/mean_iou` (itself mmseg's):
 areas are summed over the whole dataset before dividing (not averaged per image), classes absent from
@@ -39,8 +40,9 @@ Args:
         "other / background": 0 becomes 255 and every other class id c becomes c - 1. Use it with
         `ignore_index=255`.
 Returns:
-    dict with `mean_iou`, `mean_accuracy`, `overall_accuracy` (floats) and `per_category_iou`,
-    `per_category_accuracy` (arrays of length num_labels).
+    dict with `mean_iou`, `mean_accuracy`, `overall_accuracy` (floats in [0, 1]), `per_category_iou`,
+    `per_category_accuracy` (arrays of length num_labels), and `aAcc`, `mIoU`, `mAcc`: overall accuracy,
+    mean IoU and mean accuracy in percent, the columns of mmsegmentation's result tables.
 Examples:
     >>> metric = evaluate.load("metrics/mean_iou")
     >>> metric.compute(predictions=[[[0, 1], [1, 1]]], references=[[[0, 1], [0, 255]]], num_labels=2,
@@ -130,6 +132,9 @@ def metrics_from_areas(total_intersect, total_union, total_pred, total_label, na
         "per_category_iou": iou,
         "per_category_accuracy": acc,
     }
+    # mmsegmentation's names and unit (percent), as its result tables and the papers' mIoU report them
+    results.update(aAcc=100.0 * results["overall_accuracy"], mIoU=100.0 * results["mean_iou"],
+                   mAcc=100.0 * results["mean_accuracy"])
     if nan_to_num is not None:
         results = {key: _replace_nan(value, nan_to_num) for key, value in results.items()}
     return results

@@ -33,6 +33,7 @@ import torch
 from ..configuration_mae import MAEConfig
 from ..modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
 from ..pos_embed import interpolate_pos_embed
+from ..relative_position import resize_relative_position_table
 from .architecture import (
     default_pooling,
     detect_kind,
@@ -66,6 +67,7 @@ NEW_PARTS = (
     (("mae.fc_norm.",), "the pooled-feature LayerNorm `fc_norm`"),
 )
 POSITION_TABLES = ("mae.embeddings.position_embeddings", "decoder.decoder_pos_embed")
+RELATIVE_POSITION_TABLE = "relative_position_bias_table"
 
 
 class NewlyInitializedWeightsWarning(UserWarning):
@@ -96,14 +98,20 @@ def _describe(keys, limit: int = 20) -> str:
 
 
 def interpolate_positions(state_dict: dict, source_grid, target_grid) -> dict:
-    """Resize the copied encoder/decoder position tables (canonical names) to the target patch grid."""
+    """Resize the copied tables of a state dict (our names, any prefix) to the target patch grid: encoder /
+    decoder position tables bicubically, relative position bias tables bilinearly over their offsets
+    (CLS entries kept, see `relative_position.resize_relative_position_table`)."""
     if tuple(source_grid) == tuple(target_grid):
         return state_dict
     out = dict(state_dict)
-    for key in POSITION_TABLES:
-        if key in out:
-            out[key] = interpolate_pos_embed(out[key], source_grid, target_grid)
-            logger.info("interpolated %s from grid %s to %s", key, tuple(source_grid), tuple(target_grid))
+    for key, value in state_dict.items():
+        if key.endswith(POSITION_TABLES):
+            out[key] = interpolate_pos_embed(value, source_grid, target_grid)
+        elif key.endswith(RELATIVE_POSITION_TABLE):
+            out[key] = resize_relative_position_table(value, source_grid, target_grid)
+        else:
+            continue
+        logger.info("interpolated %s from grid %s to %s", key, tuple(source_grid), tuple(target_grid))
     return out
 
 

@@ -1,6 +1,6 @@
 """Explicit key-rename tables between our parameter names and each foreign checkpoint format.
 
-One table per format, chosen by the user (`--source official|transformers|timm`); nothing here guesses a
+One table per format, chosen by the user (`--source official|transformers|timm|mmseg`); nothing here guesses a
 checkpoint's origin from its key names.
 
 Our names are written in their canonical form, the one `MAEForPreTraining` and
@@ -143,6 +143,53 @@ TRANSFORMERS = KeyMap(
         rule("decoder.decoder_pred", "decoder.decoder_pred"),
     ),
 )
+
+
+# OpenMMLab mmsegmentation (1.x, and the 0.x checkpoints it publishes): `MAE` backbone (a BEiT subclass with
+# relative position bias and layer scale), `Feature2Pyramid` neck, `UPerHead` and `FCNHead`, saved as
+# `{"state_dict": ...}`. Our side is `MAEUperNetForSemanticSegmentation` (transformers' UperNet heads).
+# Their `backbone.layers.{i}.attn.relative_position_index` buffers are derived, not learned: the converter
+# checks them against our index instead of copying them (see `convert_mmseg_to_mae`).
+MMSEG_BLOCK = (
+    ("layernorm_before", ("ln1",)),
+    ("attention.qkv", ("attn.qkv",)),
+    ("attention.proj", ("attn.proj",)),
+    ("relative_position_bias.relative_position_bias_table", ("attn.relative_position_bias_table",)),
+    ("layer_scale_1", ("gamma_1",)),
+    ("layer_scale_2", ("gamma_2",)),
+    ("layernorm_after", ("ln2",)),
+    ("mlp.fc1", ("ffn.layers.0.0",)),
+    ("mlp.fc2", ("ffn.layers.1",)),
+)
+
+
+def _conv_module(ours: str, theirs: str) -> tuple[KeyRule, ...]:
+    """transformers' UperNet ConvModule (`conv`, `batch_norm`) vs mmcv's ConvModule (`conv`, `bn`)."""
+    return (rule(f"{ours}.conv", f"{theirs}.conv"), rule(f"{ours}.batch_norm", f"{theirs}.bn"))
+
+
+MMSEG = KeyMap(
+    "mmseg",
+    (
+        rule("backbone.mae.embeddings.cls_token", "backbone.cls_token"),
+        rule("backbone.mae.embeddings.position_embeddings", "backbone.pos_embed"),
+        rule("backbone.mae.embeddings.patch_embeddings.projection", "backbone.patch_embed.projection"),
+        *block_rules("backbone.mae.encoder.layer.{i}", "backbone.layers.{i}", MMSEG_BLOCK),
+        # pyramid: stride p/4 (ConvT, BN, GELU, ConvT) and p/2 (ConvT); identity and max-pool have no weights
+        rule("backbone.pyramid.fpn1", "neck.upsample_4x"),
+        rule("backbone.pyramid.fpn2", "neck.upsample_2x"),
+        *_conv_module("decode_head.psp_modules.{i}.1", "decode_head.psp_modules.{i}.1"),
+        *_conv_module("decode_head.bottleneck", "decode_head.bottleneck"),
+        *_conv_module("decode_head.lateral_convs.{i}", "decode_head.lateral_convs.{i}"),
+        *_conv_module("decode_head.fpn_convs.{i}", "decode_head.fpn_convs.{i}"),
+        *_conv_module("decode_head.fpn_bottleneck", "decode_head.fpn_bottleneck"),
+        rule("decode_head.classifier", "decode_head.conv_seg"),
+        *_conv_module("auxiliary_head.convs.{i}", "auxiliary_head.convs.{i}"),
+        *_conv_module("auxiliary_head.conv_cat", "auxiliary_head.conv_cat"),
+        rule("auxiliary_head.classifier", "auxiliary_head.conv_seg"),
+    ),
+)
+MMSEG_RELATIVE_POSITION_INDEX = "backbone.layers.{i}.attn.relative_position_index"
 
 
 def official_keymap(linear_probe_head: bool = False) -> KeyMap:
