@@ -340,14 +340,14 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_ctrl_c_checkpoints_the_step_and_the_resumed_run_matches_an_uninterrupted_one(pretrain, tmp_path):
+def test_ctrl_c_checkpoints_the_step_and_the_resumed_run_matches_an_uninterrupted_one(pretrain, tmp_path, one_thread):
     """Ctrl-C (SIGINT to the process group, DataLoader worker included) at step >= 3 of 16: the step
     finishes, a checkpoint is written, one line gives the resume command, exit code 130, no traceback;
     that exact command finishes the run with the weights of an uninterrupted run."""
     data = write_dataset(tmp_path / "data", "parquet", count=32, num_shards=2)
     common = dict(max_train_steps=16, checkpointing_steps=100, dataloader_num_workers=1)
     script = str(REPO / "scripts" / "pretrain.py")
-    assert pretrain.main(tiny_args(data, tmp_path / "ref", **common)) == 0  # uninterrupted, in-process
+    assert pretrain.main(tiny_args(data, tmp_path / "ref", **common)) == 0  # reference, 1 thread as below
 
     out = tmp_path / "out"
     code, stderr = _interrupt([sys.executable, script, *tiny_args(data, out, **common)], signal.SIGINT, 3,
