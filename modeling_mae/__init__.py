@@ -10,6 +10,7 @@ and marks them for `register_for_auto_class`, so that `save_pretrained` / `push_
 from transformers import (
     AutoBackbone,
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
@@ -17,6 +18,7 @@ from transformers import (
 )
 
 from .configuration_mae import MAE_PRESETS, MAEConfig
+from .image_processing_mae import MAEImageProcessor
 from .masking import make_noise, random_masking
 from .modeling_mae import (
     MAEForImageClassification,
@@ -37,6 +39,9 @@ AutoModel.register(MAEConfig, MAEModel, exist_ok=True)
 AutoModelForPreTraining.register(MAEConfig, MAEForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(MAEConfig, MAEForImageClassification, exist_ok=True)
 AutoBackbone.register(MAEConfig, MAEBackbone, exist_ok=True)
+AutoImageProcessor.register(
+    MAEConfig, image_processor_classes={"pil": MAEImageProcessor, "torchvision": MAEImageProcessor}, exist_ok=True
+)
 AutoConfig.register("mae_upernet", MAEUperNetConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(MAEUperNetConfig, MAEUperNetForSemanticSegmentation, exist_ok=True)
 
@@ -45,6 +50,7 @@ MAEModel.register_for_auto_class("AutoModel")
 MAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 MAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 MAEBackbone.register_for_auto_class("AutoBackbone")
+MAEImageProcessor.register_for_auto_class("AutoImageProcessor")
 MAEUperNetConfig.register_for_auto_class()
 MAEUperNetForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
@@ -55,6 +61,7 @@ __all__ = [
     "MAEForPreTraining",
     "MAEForImageClassification",
     "MAEBackbone",
+    "MAEImageProcessor",
     "MAEUperNetConfig",
     "MAEUperNetForSemanticSegmentation",
     "MAEPreTrainedModel",

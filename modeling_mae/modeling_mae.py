@@ -492,16 +492,15 @@ class MAEPreTrainedModel(PreTrainedModel):
         return self.config.num_hidden_layers + 1
 
     # ---- every saved model directory carries its image processor ---------------------------------
-    def default_image_processor(self):
-        """transformers' ViTImageProcessor sized to the model, ImageNet mean/std, bicubic resize."""
-        from transformers import ViTImageProcessor
-        from transformers.image_utils import PILImageResampling
+    def default_image_processor(self, crop_pct: float | None = None):
+        """`MAEImageProcessor` sized to the model: the training scripts' evaluation transform (shorter
+        side to size / crop_pct, bicubic, centre crop; crop_pct 0.875 unless given), ImageNet mean/std."""
+        from .image_processing_mae import DEFAULT_CROP_PCT, MAEImageProcessor
 
         height, width = self.config.image_hw
-        return ViTImageProcessor(
-            do_resize=True,
+        return MAEImageProcessor(
             size={"height": height, "width": width},
-            resample=PILImageResampling.BICUBIC,
+            crop_pct=DEFAULT_CROP_PCT if crop_pct is None else crop_pct,
             image_mean=list(IMAGENET_DEFAULT_MEAN),
             image_std=list(IMAGENET_DEFAULT_STD),
         )

@@ -7,14 +7,20 @@
 
     import datasets
     table = datasets.load_from_disk("/data/mae_features/val").with_format("torch")[:]
-    table["features"]  # (N, D) float32; table["label"] (N,) (-1 without labels); table["id"] (N,) row index
+    table["features"]  # (N, D) float32; table["label"] (N,) class ids (-1 without labels)
+    table.features["label"].names   # the class names (a ClassLabel when the data has names)
+    table["id"]        # the source file of each row (its path), or "<split>/<row index>" without one
 
 `--dataset_name` takes a Hub id, a local folder (parquet / webdataset / images, as the training
 scripts read them) or a directory written by `save_to_disk`. The encoder runs unmasked; `--pooling`
 picks the features: "cls" (the normalised CLS token, the linear-probe features), "mean" (mean of the
 patch tokens + fc_norm, the fine-tuning features; a pretraining checkpoint has no trained fc_norm, so
 it is the identity-initialised LayerNorm) or unset (the model config's). Runs on one device (GPU when
-there is one), batched, with a progress bar.
+there is one), batched, with a progress bar. `--split` names the split: a Hub split, or for a local
+folder its sub-folder of that name (`data/val` for `--split val`; the folder itself when it has none).
+Images are preprocessed as the exported image processor does (EXIF orientation, shorter side to
+size / crop_pct, centre crop); an unreadable image is skipped, logged with its file name and counted,
+and the run stops when more than `max_corrupt_fraction` of the split is unreadable.
 
 One-liners for a few images:
 
@@ -30,6 +36,7 @@ One-liners for a few images:
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -40,7 +47,14 @@ from tqdm.auto import tqdm
 
 from modeling_mae import MAEModel
 from modeling_mae.configuration_mae import POOLING_MODES
-from modeling_mae.training.classification_data import MapImageDataset, load_map_dataset
+from modeling_mae.training.classification_data import (
+    MapImageDataset,
+    UnreadableImages,
+    describe_example,
+    label_lookup,
+    load_map_dataset,
+    split_label_names,
+)
 from modeling_mae.training.config import parse_config, to_yaml
 from modeling_mae.training.model_loading import load_pretrained
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
@@ -61,6 +75,7 @@ class ExtractFeaturesConfig:
     per_device_eval_batch_size: int = 64
     dataloader_num_workers: int = 4
     max_samples: int | None = None
+    max_corrupt_fraction: float = 0.1  # stop when more of the split than this share cannot be decoded
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16": autocast dtype of the encoder
     output_dir: str = "features"
 
@@ -78,15 +93,30 @@ class ExtractFeaturesConfig:
                 raise ValueError(f"`{name}` is required")
 
 
-def feature_rows(model, loader, device, dtype):
-    """Yield one {"features", "label", "id"} row per example, computing features batch by batch."""
-    for pixel_values, labels, ids in tqdm(loader, desc="extracting features", unit="batch"):
-        pixels = normalize_on_device(pixel_values.to(device, non_blocking=True))
+logger = logging.getLogger("extract_features")
+
+
+def feature_rows(model, loader, device, dtype, source, image_column, split, unreadable):
+    """Yield one {"features", "label", "id"} row per readable example, computing features batch by
+    batch; unreadable images (placeholders from `MapImageDataset`) are skipped and recorded."""
+    for pixel_values, labels, used, asked in tqdm(loader, desc="extracting features", unit="batch"):
+        unreadable.record(used, asked)
+        keep = used >= 0
+        if not bool(keep.any()):
+            continue
+        pixels = normalize_on_device(pixel_values[keep].to(device, non_blocking=True))
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             pooled = model(pixels).pooler_output  # (B, D)
         pooled = pooled.float().cpu().numpy()
-        for feature, label, index in zip(pooled, labels.tolist(), ids.tolist()):
-            yield {"features": feature, "label": label, "id": index}
+        for feature, label, index in zip(pooled, labels[keep].tolist(), used[keep].tolist()):
+            yield {"features": feature, "label": label, "id": example_id(source, index, image_column, split)}
+
+
+def example_id(source, index: int, image_column: str, split: str) -> str:
+    """The source file of a row (its path), else "<split>/<row index>"."""
+    value = source[int(index)][image_column]
+    path = value.get("path") if isinstance(value, dict) else None
+    return str(path) if path else f"{split}/{index}"
 
 
 def main(argv=None):
@@ -94,6 +124,7 @@ def main(argv=None):
 
     cfg = parse_config(ExtractFeaturesConfig, argv)
     cfg.check_required()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     print(to_yaml(cfg))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
@@ -106,7 +137,10 @@ def main(argv=None):
     if cfg.max_samples is not None:
         source = source.select(range(min(cfg.max_samples, len(source))))
     transform = EvalTransform(model.config.image_hw, cfg.eval_crop_pct)
-    dataset = MapImageDataset(source, transform, image_column, label_column)
+    names = split_label_names(source, label_column) if label_column else None
+    lookup = label_lookup(source, label_column, names, cfg.split, cfg.split) if names else None
+    dataset = MapImageDataset(source, transform, image_column, label_column, label_lookup=lookup)
+    unreadable = UnreadableImages(source, image_column, cfg.split, cfg.max_corrupt_fraction)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.per_device_eval_batch_size, num_workers=cfg.dataloader_num_workers,
         pin_memory=device.type == "cuda",
@@ -114,21 +148,25 @@ def main(argv=None):
 
     features = datasets.Features({
         "features": datasets.List(datasets.Value("float32"), length=model.config.hidden_size),
-        "label": datasets.Value("int64"),
-        "id": datasets.Value("int64"),
+        "label": datasets.ClassLabel(names=names) if names else datasets.Value("int64"),
+        "id": datasets.Value("string"),
     })
     Path(cfg.output_dir).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(cfg.output_dir).parent) as tmp:  # Arrow shards, then save_to_disk
         table = datasets.Dataset.from_generator(
             feature_rows, features=features, cache_dir=tmp, fingerprint=uuid.uuid4().hex,
-            gen_kwargs={"model": model, "loader": loader, "device": device, "dtype": dtype},
+            gen_kwargs={"model": model, "loader": loader, "device": device, "dtype": dtype, "source": source,
+                        "image_column": image_column, "split": cfg.split, "unreadable": unreadable},
         )
         table.info.description = (
             f"MAE features of {cfg.dataset_name} ({cfg.split}) from {cfg.model_name_or_path}, "
-            f"pooling={model.config.pooling}"
+            f"pooling={model.config.pooling}; {len(unreadable.indices)} unreadable image(s) skipped"
         )
         table.save_to_disk(cfg.output_dir)
-    print(f"wrote {len(table)} rows of {model.config.hidden_size}-d features to {cfg.output_dir}")
+    print(f"wrote {len(table)} rows of {model.config.hidden_size}-d features to {cfg.output_dir}"
+          + (f"; skipped {len(unreadable.indices)} unreadable image(s): "
+             + ", ".join(describe_example(source, i, image_column) for i in sorted(unreadable.indices)[:10])
+             if unreadable.indices else ""))
     return cfg.output_dir
 
 

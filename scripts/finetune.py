@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -38,15 +39,17 @@ from modeling_mae.training.augmentation import (
 )
 from modeling_mae.training.checkpoint import CheckpointManager
 from modeling_mae.training.classification_data import (
+    UnreadableImages,
     build_classification_loaders,
     label_maps,
     load_classification_splits,
     make_synthetic_classification,
+    report_class_balance,
     set_train_epoch,
 )
 from modeling_mae.training.classifier_export import finish_classifier_run
 from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.evaluation import evaluate_classifier, load_metric
+from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric
 from modeling_mae.training.export import export_model
 from modeling_mae.training.model_loading import load_classifier
 from modeling_mae.training.optim import (
@@ -57,7 +60,13 @@ from modeling_mae.training.optim import (
     scaled_lr,
 )
 from modeling_mae.training.demo_data import ensure_demo_data
-from modeling_mae.training.runtime import GracefulStop, make_accelerator, resume_command, tracker_hparams
+from modeling_mae.training.runtime import (
+    GracefulStop,
+    make_accelerator,
+    quiet_library_loggers,
+    resume_command,
+    tracker_hparams,
+)
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
 
 
@@ -80,11 +89,13 @@ class FinetuneConfig:
     validation_split: str = "validation"
     image_column: str | None = None  # detected when None (image, jpg, ...)
     label_column: str | None = None  # detected when None (label, cls, ...)
+    label_names: list[str] | None = None  # the label map (id i = label_names[i]); default: the training split's classes
     num_labels: int | None = None  # from the ClassLabel feature, else max label + 1
     create_demo_data: bool = False  # write the synthetic 4-class image folders into train_dir / validation_dir
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     dataloader_num_workers: int = 8
+    max_corrupt_fraction: float = 0.1  # stop when more of a split than this share cannot be decoded (skipped below)
     # augmentation (official: RandAugment 9 / 0.5, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1)
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
@@ -153,6 +164,7 @@ def main(argv=None) -> int:
     cfg = parse_config(FinetuneConfig, argv, description=__doc__)
     cfg.check_required()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_library_loggers()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     if not accelerator.is_main_process:
@@ -176,12 +188,17 @@ def main(argv=None) -> int:
                             linear_probe_head=False, num_labels=len(splits.class_names),
                             **label_maps(splits.class_names))
     size = model.config.image_hw
+    processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
     train_loader, eval_loader = build_classification_loaders(
         cfg, accelerator, splits,
         FinetuneTrainTransform(size, cfg.auto_augment, scale=cfg.crop_scale),
         EvalTransform(size, cfg.eval_crop_pct),
     )
     names = splits.class_names
+    balance_warnings = report_class_balance(names, splits.train_counts)
+    bad_train = UnreadableImages(splits.train, splits.image_column, "training", cfg.max_corrupt_fraction)
+    bad_val = UnreadableImages(splits.validation, splits.image_column, "validation", cfg.max_corrupt_fraction,
+                               log=accelerator.is_main_process)
 
     # ---- optimiser and schedule (per optimizer step) ----------------------------------------------
     batch = effective_batch_size(cfg.per_device_train_batch_size, accelerator.num_processes,
@@ -204,14 +221,22 @@ def main(argv=None) -> int:
     logger.info("effective batch %d, lr %.3g, %d steps/epoch, %d classes", batch, lr, steps_per_epoch, len(names))
 
     # ---- resume ------------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": []}
+    state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": [], "unreadable_train": [],
+             "per_class": {}}
+    epoch_loss = EpochLoss()
     if resume is not None:
         state, _ = manager.load(accelerator, resume)
+        bad_train.load_state_dict(state.get("unreadable_train"))
+        epoch_loss.load_state_dict(state.get("epoch_loss"))
         logger.info("resumed from %s at step %d", resume, state["step"])
     if cfg.with_tracking:
         accelerator.init_trackers("mae_finetune", tracker_hparams(cfg))
 
     def save_checkpoint():
+        bad_train.merge(accelerator)  # a collective: every process saves at the same steps
+        state["unreadable_train"] = bad_train.state_dict()
+        epoch_loss.flush(accelerator)
+        state["epoch_loss"] = epoch_loss.state_dict()
         return manager.save(accelerator, state["step"], trainer_state=state, config_yaml=to_yaml(cfg))
 
     def logits_of(pixel_values):
@@ -230,7 +255,10 @@ def main(argv=None) -> int:
         loader = train_loader
         if done_in_epoch > 0:  # resumed mid-epoch: skip the batches already trained on, this epoch only
             loader = accelerator.skip_first_batches(train_loader, done_in_epoch * cfg.gradient_accumulation_steps)
-        for pixel_values, labels, _ in loader:
+        if state["step"] <= epoch * steps_per_epoch:  # a new epoch, not one resumed mid-way
+            epoch_loss.reset()
+        for pixel_values, labels, used, asked in loader:
+            bad_train.record(used, asked)  # unreadable files were replaced by the next readable ones
             with accelerator.accumulate(model):
                 images = normalize_on_device(pixel_values)
                 if erase is not None:
@@ -242,6 +270,7 @@ def main(argv=None) -> int:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            epoch_loss.add(loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -262,26 +291,34 @@ def main(argv=None) -> int:
 
         # ---- evaluate every epoch; keep the best model ----------------------------------------------
         model.eval()
-        results = evaluate_classifier(logits_of, eval_loader, accelerator, len(names), metric)
+        results = evaluate_classifier(logits_of, eval_loader, accelerator, len(names), metric, unreadable=bad_val)
+        train_loss = epoch_loss.mean(accelerator)
         state["epoch"] = epoch + 1
-        state["history"].append({"epoch": epoch + 1, **results})
-        logger.info("epoch %d: top-1 %.2f top-5 %.2f loss %.4f", epoch + 1, results["top1"], results["top5"],
-                    results["loss"])
+        state["per_class"][str(epoch + 1)] = results.pop("per_class")  # [[correct, total] per class]
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, **results})
+        logger.info("%s", format_epoch_line(epoch + 1, train_loss, results, len(names)))
         if cfg.with_tracking:
             accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state["step"])
         if results["top1"] > state["best_top1"]:
             state["best_top1"], state["best_epoch"] = results["top1"], epoch + 1
             export_model(accelerator.unwrap_model(model), Path(cfg.output_dir) / "best",
-                         state_dict=accelerator.get_state_dict(model), is_main_process=accelerator.is_main_process)
+                         image_processor=processor, state_dict=accelerator.get_state_dict(model),
+                         is_main_process=accelerator.is_main_process)
         path = save_checkpoint()
         if stop.requested():  # a signal during the evaluation: the epoch's checkpoint is written
             progress.close()
             stop.exit(state["step"], path)
     scope.close()
     progress.close()
+    if state["history"]:
+        last_per_class = state["per_class"][str(state["epoch"])]
+        logger.info("per-class top-1 (last epoch): %s", format_per_class(names, last_per_class))
 
     # ---- export the last model, the card with the measured accuracy, the Hub -------------------------
-    exit_code = finish_classifier_run(accelerator, model, cfg, state, script="finetune.py", method="fine-tuned")
+    bad_train.merge(accelerator)
+    state["unreadable_train"] = bad_train.state_dict()
+    exit_code = finish_classifier_run(accelerator, model, cfg, state, script="finetune.py", method="fine-tuned",
+                                      splits=splits, image_processor=processor, data_warnings=balance_warnings)
     accelerator.end_training()
     return exit_code
 

@@ -38,21 +38,29 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from modeling_mae.training.augmentation import LinprobeTrainTransform
 from modeling_mae.training.checkpoint import CheckpointManager
 from modeling_mae.training.classification_data import (
+    UnreadableImages,
     build_classification_loaders,
     label_maps,
     load_classification_splits,
     make_synthetic_classification,
+    report_class_balance,
     set_train_epoch,
 )
 from modeling_mae.training.classifier_export import finish_classifier_run
 from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.evaluation import evaluate_classifier, load_metric
+from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric
 from modeling_mae.training.export import export_model
-from modeling_mae.training.linear_probe import FeatureCache, ProbeHead
+from modeling_mae.training.linear_probe import FeatureCache, ProbeHead, feature_cache_key
 from modeling_mae.training.model_loading import load_classifier
 from modeling_mae.training.optim import build_lars, create_scheduler, effective_batch_size, scaled_lr
 from modeling_mae.training.demo_data import ensure_demo_data
-from modeling_mae.training.runtime import GracefulStop, make_accelerator, resume_command, tracker_hparams
+from modeling_mae.training.runtime import (
+    GracefulStop,
+    make_accelerator,
+    quiet_library_loggers,
+    resume_command,
+    tracker_hparams,
+)
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
 
 
@@ -74,11 +82,13 @@ class LinprobeConfig:
     validation_split: str = "validation"
     image_column: str | None = None
     label_column: str | None = None
+    label_names: list[str] | None = None  # the label map (id i = label_names[i]); default: the training split's classes
     num_labels: int | None = None
     create_demo_data: bool = False
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     dataloader_num_workers: int = 8
+    max_corrupt_fraction: float = 0.1  # stop when more of a split than this share cannot be decoded (skipped below)
     eval_crop_pct: float = 224 / 256
     # feature cache
     cache_features: bool = False
@@ -138,6 +148,7 @@ def main(argv=None) -> int:
     cfg = parse_config(LinprobeConfig, argv, description=__doc__)
     cfg.check_required()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_library_loggers()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     if not accelerator.is_main_process:
@@ -161,10 +172,16 @@ def main(argv=None) -> int:
                             num_labels=len(splits.class_names), **label_maps(splits.class_names))
     freeze_encoder(model)
     size = model.config.image_hw
+    processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
+    train_transform = LinprobeTrainTransform(size)
     train_loader, eval_loader = build_classification_loaders(
-        cfg, accelerator, splits, LinprobeTrainTransform(size), EvalTransform(size, cfg.eval_crop_pct)
+        cfg, accelerator, splits, train_transform, EvalTransform(size, cfg.eval_crop_pct)
     )
     names = splits.class_names
+    balance_warnings = report_class_balance(names, splits.train_counts)
+    bad_train = UnreadableImages(splits.train, splits.image_column, "training", cfg.max_corrupt_fraction)
+    bad_val = UnreadableImages(splits.validation, splits.image_column, "validation", cfg.max_corrupt_fraction,
+                               log=accelerator.is_main_process)
     encoder = model.mae.to(accelerator.device)
     head = ProbeHead(model)
 
@@ -191,26 +208,36 @@ def main(argv=None) -> int:
 
     cache = None
     if cfg.cache_features:
-        cache = FeatureCache(
-            cfg.feature_cache_dir or Path(cfg.output_dir) / "feature_cache", accelerator.process_index,
-            key={"model": cfg.model_name_or_path, "train": cfg.dataset_name or cfg.train_dir,
-                 "examples": len(splits.train), "processes": accelerator.num_processes,
-                 "batch": cfg.per_device_train_batch_size},
+        key = feature_cache_key(
+            encoder, splits, transform=train_transform, processes=accelerator.num_processes,
+            batch_size=cfg.per_device_train_batch_size, seed=cfg.seed,
+            dataset=cfg.dataset_name or cfg.train_dir, mixed_precision=accelerator.mixed_precision,
         )
+        cache = FeatureCache(cfg.feature_cache_dir or Path(cfg.output_dir) / "feature_cache",
+                             accelerator.process_index, key=key)
 
     # ---- resume ------------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": []}
+    state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": [], "unreadable_train": [],
+             "per_class": {}}
+    epoch_loss = EpochLoss()
     if resume is not None:
         state, _ = manager.load(accelerator, resume)
+        bad_train.load_state_dict(state.get("unreadable_train"))
+        epoch_loss.load_state_dict(state.get("epoch_loss"))
         logger.info("resumed from %s at step %d", resume, state["step"])
     if cfg.with_tracking:
         accelerator.init_trackers("mae_linprobe", tracker_hparams(cfg))
 
     def save_checkpoint():
+        bad_train.merge(accelerator)  # a collective: every process saves at the same steps
+        state["unreadable_train"] = bad_train.state_dict()
+        epoch_loss.flush(accelerator)
+        state["epoch_loss"] = epoch_loss.state_dict()
         return manager.save(accelerator, state["step"], trainer_state=state, config_yaml=to_yaml(cfg))
 
     # ---- train the head ----------------------------------------------------------------------------
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    announced = False  # the cache's use is logged once
     stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
     scope = contextlib.ExitStack()
     scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
@@ -222,12 +249,24 @@ def main(argv=None) -> int:
         skip = done_in_epoch * cfg.gradient_accumulation_steps
         from_cache = cache is not None and cache.exists()
         if from_cache:  # (features, labels) of the cached epoch, reshuffled
+            if not announced:
+                logger.info("training the head on the cached features in %s (same weights, files, labels and "
+                            "transform: %d examples of %s)", cache.path.parent, key["examples"], key["dataset"])
+                announced = True
             batches = itertools.islice(cache.dataloader(cfg.per_device_train_batch_size, cfg.seed, epoch), skip, None)
         else:
             set_train_epoch(train_loader, epoch)
             loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            batches = ((features_of(pixels), labels) for pixels, labels, _ in loader)
+
+            def image_batches(loader=loader):
+                for pixels, labels, used, asked in loader:
+                    bad_train.record(used, asked)  # unreadable files were replaced by the next readable ones
+                    yield features_of(pixels), labels
+
+            batches = image_batches()
         writing_cache = cache is not None and not from_cache and skip == 0
+        if state["step"] <= epoch * steps_per_epoch:  # a new epoch, not one resumed mid-way
+            epoch_loss.reset()
         for features, labels in batches:
             features, labels = features.to(accelerator.device), labels.to(accelerator.device)
             if writing_cache:
@@ -237,6 +276,7 @@ def main(argv=None) -> int:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            epoch_loss.add(loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -261,25 +301,33 @@ def main(argv=None) -> int:
         # ---- evaluate every epoch; keep the best model ----------------------------------------------
         head.eval()
         results = evaluate_classifier(lambda pixels: head(features_of(pixels)), eval_loader, accelerator,
-                                      len(names), metric)
+                                      len(names), metric, unreadable=bad_val)
+        train_loss = epoch_loss.mean(accelerator)
         state["epoch"] = epoch + 1
-        state["history"].append({"epoch": epoch + 1, **results})
-        logger.info("epoch %d: top-1 %.2f top-5 %.2f loss %.4f", epoch + 1, results["top1"], results["top5"],
-                    results["loss"])
+        state["per_class"][str(epoch + 1)] = results.pop("per_class")  # [[correct, total] per class]
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, **results})
+        logger.info("%s", format_epoch_line(epoch + 1, train_loss, results, len(names)))
         if cfg.with_tracking:
             accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state["step"])
         if results["top1"] > state["best_top1"]:
             state["best_top1"], state["best_epoch"] = results["top1"], epoch + 1
-            export_model(model, Path(cfg.output_dir) / "best", is_main_process=accelerator.is_main_process)
+            export_model(model, Path(cfg.output_dir) / "best", image_processor=processor,
+                         is_main_process=accelerator.is_main_process)
         path = save_checkpoint()
         if stop.requested():  # a signal during the evaluation: the epoch's checkpoint is written
             progress.close()
             stop.exit(state["step"], path)
     scope.close()
     progress.close()
+    if state["history"]:
+        last_per_class = state["per_class"][str(state["epoch"])]
+        logger.info("per-class top-1 (last epoch): %s", format_per_class(names, last_per_class))
 
     # ---- export the classifier (frozen encoder + trained head), card, Hub ----------------------------
-    exit_code = finish_classifier_run(accelerator, model, cfg, state, script="linprobe.py", method="linear probe")
+    bad_train.merge(accelerator)
+    state["unreadable_train"] = bad_train.state_dict()
+    exit_code = finish_classifier_run(accelerator, model, cfg, state, script="linprobe.py", method="linear probe",
+                                      splits=splits, image_processor=processor, data_warnings=balance_warnings)
     accelerator.end_training()
     return exit_code
 

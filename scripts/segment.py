@@ -105,6 +105,7 @@ class SegmentConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     preprocessing_num_workers: int = 4
+    max_corrupt_fraction: float = 0.1  # stop when more than this share of the images read cannot be decoded
     # ---- augmentation ----------------------------------------------------------------------------
     crop_size: int = 512
     base_scale: list[int] = field(default_factory=lambda: [2048, 512])
@@ -298,7 +299,9 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
     )
     patch = accelerator.unwrap_model(model).config.backbone_config.patch_size
     areas = torch.zeros(4, cfg.num_labels, dtype=torch.float64, device=accelerator.device)
+    skipped = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for batch in loader:
+        skipped += batch["num_skipped"]
         for pixels, label in zip(batch["pixel_values"], batch["labels"]):
             pixel_values = normalize_on_device(pixels[None].to(accelerator.device))
             with accelerator.autocast():
@@ -310,10 +313,15 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
             parts = mean_iou.intersect_and_union(prediction, label.numpy(), cfg.num_labels, IGNORE_INDEX)
             areas += torch.from_numpy(np.stack(parts)).to(areas)
     areas = accelerator.reduce(areas, reduction="sum").cpu().numpy()
+    num_skipped = int(accelerator.reduce(skipped, reduction="sum"))
+    if num_skipped > cfg.max_corrupt_fraction * len(dataset):
+        raise ValueError(f"{num_skipped} of the {len(dataset)} evaluation images cannot be decoded, more than "
+                         f"max_corrupt_fraction={cfg.max_corrupt_fraction}")
     model.train()
     results = mean_iou.metrics_from_areas(*areas)
     per_class = [None if np.isnan(v) else float(v) for v in results["per_category_iou"]]  # None: class absent
-    return {**{k: v for k, v in results.items() if not isinstance(v, np.ndarray)}, "per_category_iou": per_class}
+    return {**{k: v for k, v in results.items() if not isinstance(v, np.ndarray)}, "per_category_iou": per_class,
+            "num_unreadable": num_skipped}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,8 +512,9 @@ def main(argv=None) -> dict:
         results = evaluate(model, eval_set, accelerator, cfg, mean_iou)
         step = state["step"]
         state["history"].append({"step": step, **results})
-        logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f", step, results["mean_iou"],
-                    results["mean_accuracy"], results["overall_accuracy"])
+        logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f%s", step, results["mean_iou"],
+                    results["mean_accuracy"], results["overall_accuracy"],
+                    f"  ({results['num_unreadable']} unreadable images skipped)" if results["num_unreadable"] else "")
         accelerator.log({f"eval/{k}": v for k, v in results.items() if not isinstance(v, list)}, step=step)
         if state["best_miou"] is None or results["mean_iou"] > state["best_miou"]:
             state.update(best_miou=results["mean_iou"], best_step=step, best=results)
@@ -520,6 +529,7 @@ def main(argv=None) -> dict:
     # ---- loop ------------------------------------------------------------------------------------
     model.train()
     running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
+    skipped_local = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # since the last log line
     stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
     scope = contextlib.ExitStack()
     scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
@@ -530,6 +540,7 @@ def main(argv=None) -> dict:
         skip = done_in_epoch * cfg.gradient_accumulation_steps
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in loader:
+            skipped_local += batch["num_skipped"]  # unreadable training images replaced by the next readable ones
             with accelerator.accumulate(model):
                 pixel_values = normalize_on_device(batch["pixel_values"])
                 loss = model(pixel_values=pixel_values, labels=batch["labels"]).loss
@@ -554,6 +565,13 @@ def main(argv=None) -> dict:
                             logs["train/loss"], logs["train/lr"], logs["train/images_per_s"])
                 accelerator.log(logs, step=step)
                 state.setdefault("train_loss", []).append([step, logs["train/loss"]])
+                state["unreadable_train_reads"] = state.get("unreadable_train_reads", 0) + int(
+                    accelerator.reduce(skipped_local, reduction="sum"))
+                skipped_local.zero_()
+                read = step * effective_batch
+                if state["unreadable_train_reads"] > cfg.max_corrupt_fraction * read:
+                    raise ValueError(f"{state['unreadable_train_reads']} of the {read} training images read could not "
+                                     f"be decoded, more than max_corrupt_fraction={cfg.max_corrupt_fraction}")
                 running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
             if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_train_steps:
                 run_evaluation()
@@ -571,7 +589,8 @@ def main(argv=None) -> dict:
 
     # ---- results ---------------------------------------------------------------------------------
     summary = {"step": state["step"], "best_step": state["best_step"], "best": state["best"],
-               "history": state["history"], "train_loss": state.get("train_loss", [])}
+               "history": state["history"], "train_loss": state.get("train_loss", []),
+               "unreadable_train_reads": state.get("unreadable_train_reads", 0)}
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "eval_results.json").write_text(json.dumps(summary, indent=2))

@@ -18,6 +18,7 @@ un-normalised by its original patch's statistics, and the caption says so.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,15 +90,31 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 def load_images(cfg: VisualizeConfig) -> list[Image.Image]:
+    """The images to show, upright (EXIF orientation) and RGB; an unreadable one is skipped with a
+    warning naming its file (or dataset row), never a crash."""
+    from modeling_mae.training.classification_data import describe_example
+    from modeling_mae.training.data import CorruptImageError, decode_image
+
     if cfg.images:
         files = image_files(cfg.images)
-        files = files[: cfg.num_images] if cfg.num_images > 0 else files
-        return [Image.open(f) for f in files]
-    from modeling_mae.training.data import decode_image
-
-    source, image_column, _ = load_map_dataset(cfg.dataset_name, cfg.split, cfg.dataset_config_name, cfg.image_column)
-    count = min(len(source), cfg.num_images) if cfg.num_images > 0 else len(source)
-    return [decode_image(source[i][image_column]) for i in range(count)]
+        cells = [(str(f), f) for f in (files[: cfg.num_images] if cfg.num_images > 0 else files)]
+    else:
+        source, image_column, _ = load_map_dataset(cfg.dataset_name, cfg.split, cfg.dataset_config_name,
+                                                   cfg.image_column)
+        count = min(len(source), cfg.num_images) if cfg.num_images > 0 else len(source)
+        cells = [(describe_example(source, i, image_column), source[i][image_column]) for i in range(count)]
+    images, skipped = [], []
+    for name, cell in cells:
+        try:
+            images.append(decode_image(cell))
+        except CorruptImageError as err:
+            skipped.append(name)
+            print(f"skipped an unreadable image: {name} ({err})", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) of {len(cells)}", file=sys.stderr)
+    if not images:
+        raise ValueError(f"none of the {len(cells)} images can be decoded: {skipped[:5]}")
+    return images
 
 
 def main(argv=None) -> list[Path]:

@@ -42,11 +42,12 @@ def test_extract_features_writes_a_reloadable_dataset(model_dir, tmp_path, pooli
     assert table.column_names == ["features", "label", "id"]
     rows = table[:]
     assert rows["features"].shape == (12, 64) and rows["features"].dtype == torch.float32
-    assert rows["id"].tolist() == list(range(12))
+    files = sorted(Path(data).rglob("*.png"))
+    assert rows["id"] == [str(f) for f in files]  # the source file of each row
     assert rows["label"].tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert table.features["label"].names == sorted(p.name for p in Path(data).iterdir())
     # the same numbers as MAEModel(...).pooler_output on the same preprocessing (12 = 3 batches of 5, 5, 2)
     model = MAEModel.from_pretrained(model_dir, pooling=pooling).eval()
-    files = sorted(Path(data).rglob("*.png"))
     pixels = torch.stack([EvalTransform(32, 1.0)(Image.open(f)) for f in files])
     with torch.no_grad():
         expected = model(normalize_on_device(pixels)).pooler_output

@@ -491,23 +491,6 @@ def test_weights_get_the_same_mode_as_the_other_files(pretrain, tmp_path):
         assert set(modes.values()) == {0o644}, modes
 
 
-def test_classifier_card_names_the_folders_trained_and_evaluated_on(tmp_path):
-    from modeling_mae.training.classifier_export import write_classifier_card
-
-    results = {"top1": 50.0, "top5": 100.0, "loss": 1.0, "num_examples": 8}
-    path = write_classifier_card(
-        tmp_path, repo_id="x", base_model="outputs/mae-demo", results=results, best_epoch=1, epochs=1,
-        script="finetune.py", method="fine-tuned", config_yaml="a: 1\n", kept="",
-        dataset_name="local image folders (d/train for training, d/validation for evaluation)",
-        eval_dataset="d/validation", eval_split="validation_dir", hub_dataset=None,
-    )
-    card = path.read_text()
-    assert "| d/validation (validation_dir) | 8 |" in card
-    header = yaml.safe_load(card.split("---")[1])
-    assert "datasets" not in header
-    assert header["model-index"][0]["results"][0]["dataset"]["name"] == "d/validation"
-
-
 def test_progress_bar_shows_the_learning_rate_and_logs_go_through_tqdm(pretrain, tmp_path, monkeypatch):
     from tqdm.auto import tqdm
 

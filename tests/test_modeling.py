@@ -611,7 +611,12 @@ def test_remote_code_load_without_package(saved_pretraining_dir, tmp_path):
         torch.save(out, {str(tmp_path / 'out.pt')!r})
         pre = AutoModelForPreTraining.from_pretrained({str(path)!r}, trust_remote_code=True)
         assert type(pre).__name__ == 'MAEForPreTraining'
-        print('remote-ok', type(model).__module__)
+        from PIL import Image
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained({str(path)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == 'MAEImageProcessor', type(processor)
+        assert processor(Image.new('RGB', (50, 40)), return_tensors='pt')['pixel_values'].shape == (1, 3, 32, 32)
+        print('remote-ok', type(model).__module__, type(processor).__module__)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

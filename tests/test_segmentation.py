@@ -396,3 +396,28 @@ def test_segment_script_loads_an_official_checkpoint(tmp_path):
     for key, value in pretrained.mae.state_dict().items():
         if not key.startswith("layernorm."):  # the backbone has no final norm
             torch.testing.assert_close(backbone.mae.state_dict()[key], value, msg=key)
+
+
+def test_unreadable_segmentation_images_are_skipped_and_counted(tmp_path):
+    """A zero-byte training JPEG is replaced by the next example (its index is reported); a truncated
+    validation JPEG is left out of the evaluation batch and counted."""
+    from modeling_mae.training.segmentation_data import collate_eval, collate_train
+
+    write_synthetic_ade_folder(tmp_path, num_train=3, num_val=2, size=32, num_classes=3)
+    (tmp_path / "images/training/ADE_training_00000001.jpg").write_bytes(b"")
+    val_file = tmp_path / "images/validation/ADE_validation_00000000.jpg"
+    val_file.write_bytes(val_file.read_bytes()[:100])
+    train = SegmentationDataset(load_segmentation_split("train", data_dir=str(tmp_path)),
+                                transform=lambda image, label, seed=None: (torch.zeros(3, 4, 4, dtype=torch.uint8),
+                                                                           torch.from_numpy(label)), train=True)
+    item = train[1]
+    assert item["skipped"] == [1]
+    direct = SegmentationDataset(load_segmentation_split("train", data_dir=str(tmp_path)),
+                                 transform=lambda image, label, seed=None: (torch.zeros(3, 4, 4, dtype=torch.uint8),
+                                                                            torch.from_numpy(label)), train=True)[2]
+    assert torch.equal(item["labels"], direct["labels"])  # example 2 stands in
+    assert int(collate_train([train[0], item])["num_skipped"]) == 1
+    val = SegmentationDataset(load_segmentation_split("validation", data_dir=str(tmp_path)),
+                              transform=lambda image: torch.zeros(3, 4, 4, dtype=torch.uint8), train=False)
+    batch = collate_eval([val[0], val[1]])
+    assert len(batch["pixel_values"]) == 1 and batch["num_skipped"] == 1

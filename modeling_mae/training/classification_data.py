@@ -4,12 +4,16 @@ names, and synthetic labelled images for the demo and the tests."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .runtime import worker_ignores_interrupts
+
+
+logger = logging.getLogger(__name__)
 
 
 def label_maps(names: list[str]) -> dict:
@@ -40,13 +44,15 @@ def load_map_dataset(name_or_dir: str, split: str, dataset_config_name: str | No
             source = source[split]
     else:
         local = root.is_dir()
-        # a local folder without a sub-folder named like the split is that split ("train" to `datasets`)
-        read_split = split if not local or (root / split).is_dir() else "train"
+        # a local folder is read as one split ("train" to `datasets`): its sub-folder named like the
+        # split when there is one (data/val for split "val"), else the folder itself
+        if local and (root / split).is_dir():
+            root = root / split
         source = load_source(
             dataset_name=None if local else name_or_dir,
             dataset_config_name=dataset_config_name,
             train_dir=str(root) if local else None,
-            split=read_split,
+            split="train" if local else split,
             token=token,
             streaming=False,
         )
@@ -73,20 +79,31 @@ def seeded(fn, seed: int):
 
 
 class MapImageDataset(torch.utils.data.Dataset):
-    """Example i of a map-style `datasets.Dataset` -> (uint8 (C, H, W), label (-1 if none), i).
+    """Example i of a map-style `datasets.Dataset` -> (uint8 (C, H, W), label, index used, index asked).
 
-    Images are decoded here (in DataLoader workers) with `data.decode_image`; an undecodable image
-    raises, naming its index (evaluation must not silently skip examples). With `seed`, the random
-    augmentation of example i in epoch e is seeded from (seed, e, i): the same pixels whatever the
-    number of workers, and after resuming mid-epoch (`set_epoch` before each epoch's iterator).
+    Images are decoded here (in DataLoader workers) with `data.decode_image` (EXIF orientation
+    applied). Labels go through `label_lookup` (the split's raw label -> the training id, so that every
+    split is numbered by class *name*; None: the raw integer), -1 when there is none.
+
+    An undecodable image never stops the loader: with `substitute_unreadable` (training) the next
+    readable example in dataset order stands in for it, so batches keep their size (Mixup needs even
+    batches, DDP equal ones) and resume stays exact; without it (evaluation, features) a placeholder of
+    zeros with `index used` = -1 comes back, which the caller drops after `gather_for_metrics`. Either
+    way `index used != index asked` says which examples were skipped (`UnreadableImages` logs their
+    file names). With `seed`, the random augmentation of example i in epoch e is seeded from
+    (seed, e, i): the same pixels whatever the number of workers, and after resuming mid-epoch
+    (`set_epoch` before each epoch's iterator).
     """
 
-    def __init__(self, source, transform, image_column: str, label_column: str | None, seed: int | None = None):
+    def __init__(self, source, transform, image_column: str, label_column: str | None, seed: int | None = None,
+                 label_lookup: dict | None = None, substitute_unreadable: bool = False):
         self.source = source
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
         self.seed = seed
+        self.label_lookup = label_lookup
+        self.substitute_unreadable = substitute_unreadable
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -95,33 +112,104 @@ class MapImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int):
+    def label_of(self, example: dict) -> int:
+        raw = example.get(self.label_column) if self.label_column else None
+        if raw is None:
+            return -1
+        return int(self.label_lookup[raw]) if self.label_lookup is not None else int(raw)
+
+    def _pixels(self, image, index: int):
         import numpy as np
 
+        if self.seed is None:
+            return self.transform(image)
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
+        return seeded(lambda: self.transform(image), seed)
+
+    def __getitem__(self, index: int):
         from .data import CorruptImageError, decode_image
 
-        example = self.source[int(index)]
-        try:
-            image = decode_image(example[self.image_column])
-        except CorruptImageError as err:
-            raise CorruptImageError(f"example {index}: {err}") from err
-        label = example.get(self.label_column, -1) if self.label_column else -1
-        if self.seed is None:
-            pixels = self.transform(image)
-        else:
-            seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
-            pixels = seeded(lambda: self.transform(image), seed)
-        return pixels, int(label if label is not None else -1), int(index)
+        index = int(index)
+        tries = len(self.source) if self.substitute_unreadable else 1
+        for offset in range(tries):
+            used = (index + offset) % len(self.source)
+            example = self.source[used]
+            try:
+                image = decode_image(example[self.image_column])
+            except CorruptImageError:
+                continue
+            # augmentation seeded by the slot asked for: a stand-in differs from its own turn's view
+            return self._pixels(image, index), self.label_of(example), used, index
+        if self.substitute_unreadable:
+            raise CorruptImageError(f"no image of the {len(self.source)} examples can be decoded")
+        height, width = getattr(self.transform, "size", (1, 1))
+        return torch.zeros(3, height, width, dtype=torch.uint8), -1, -1, index
 
 
-def class_names(source, label_column: str | None) -> list[str] | None:
-    """Class names from a `ClassLabel` feature, or None (then `id2label` gets "LABEL_i" names)."""
-    import datasets
+def describe_example(source, index: int, image_column: str) -> str:
+    """The file an example came from (its path), else "example <index>"."""
+    value = source[int(index)][image_column]
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f"{path} (example {index})" if path else f"example {index}"
 
-    feature = (source.features or {}).get(label_column) if label_column else None
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    return None
+
+def skipped_indices(used, asked, size: int) -> list[int]:
+    """The examples a batch skipped: asked..used-1 (mod size) where a substitute stood in, asked
+    itself where a placeholder (used = -1) did."""
+    skipped = []
+    for u, a in zip(used.tolist(), asked.tolist()):
+        if u < 0:
+            skipped.append(a)
+        elif u != a:
+            skipped.extend((a + k) % size for k in range((u - a) % size))
+    return skipped
+
+
+class UnreadableImages:
+    """The undecodable examples of one split: each one logged once with its file name, the count for
+    the log and the model card, and a stop when more than `max_fraction` of the split is unreadable.
+
+    `record(used, asked)` after every batch (the `MapImageDataset` indices); in training every
+    process records its own batches and `merge(accelerator)` (a collective: call it on every
+    process, e.g. before each checkpoint) unites them; evaluation records the gathered batches."""
+
+    def __init__(self, source, image_column: str, split: str, max_fraction: float, log: bool = True):
+        self.source, self.image_column, self.split = source, image_column, split
+        self.max_fraction = max_fraction
+        self.log = log
+        self.indices: set[int] = set()
+
+    def record(self, used, asked) -> None:
+        for index in skipped_indices(used, asked, len(self.source)):
+            if index in self.indices:
+                continue
+            self.indices.add(index)
+            if self.log:
+                logger.warning("skipped an unreadable %s image: %s", self.split,
+                               describe_example(self.source, index, self.image_column))
+        self.check()
+
+    def check(self) -> None:
+        if len(self.indices) > self.max_fraction * len(self.source):
+            raise ValueError(
+                f"{len(self.indices)} of the {len(self.source)} {self.split} images cannot be decoded, more than "
+                f"max_corrupt_fraction={self.max_fraction}; first ones: "
+                + ", ".join(describe_example(self.source, i, self.image_column) for i in sorted(self.indices)[:5])
+            )
+
+    def merge(self, accelerator) -> None:
+        from accelerate.utils import gather_object
+
+        if accelerator.num_processes > 1:
+            for part in gather_object([sorted(self.indices)]):
+                self.indices.update(part)
+        self.check()
+
+    def state_dict(self) -> list[int]:
+        return sorted(self.indices)
+
+    def load_state_dict(self, indices) -> None:
+        self.indices = set(int(i) for i in indices or [])
 
 
 def resolve_split_sources(dataset_name, train_dir, validation_dir, train_split, validation_split):
@@ -147,23 +235,127 @@ def resolve_split_sources(dataset_name, train_dir, validation_dir, train_split, 
     return (train_dir, train_split), (validation_dir, validation_split)
 
 
+def split_label_names(source, label_column: str) -> list[str] | None:
+    """The class names a split carries: its `ClassLabel` names, or the sorted distinct values of a
+    string label column; None for plain integer labels."""
+    import datasets
+
+    feature = (source.features or {}).get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return sorted(str(v) for v in source.unique(label_column))
+    return None
+
+
+def label_lookup(source, label_column: str, names: list[str], split: str, reference: str) -> dict | None:
+    """The raw label -> training id table of one split, matched by class NAME (a folder's classes are
+    numbered in its own sorted order, so "coffee" is 1 in one folder and 0 in another); None for
+    integer labels, which must then lie in [0, len(names)).
+
+    A class of this split that `names` lacks is an error naming it; a class of `names` this split
+    lacks is a warning (its accuracy is not measured there)."""
+    import datasets
+
+    own = split_label_names(source, label_column)
+    if own is None:
+        values = [int(v) for v in source.unique(label_column) if v is not None]
+        outside = sorted(v for v in values if not 0 <= v < len(names))
+        if outside:
+            raise ValueError(f"the {split} labels {outside[:10]} are outside the {len(names)} classes of {reference} "
+                             f"(0..{len(names) - 1})")
+        return None
+    unknown = [n for n in own if n not in names]
+    if unknown:
+        raise ValueError(f"{split} class(es) {unknown} are not among the {len(names)} classes of {reference}: "
+                         f"{names}")
+    missing = [n for n in names if n not in own]
+    if missing:
+        logger.warning("the %s split has no class %s: its accuracy is not measured there", split,
+                       ", ".join(repr(n) for n in missing))
+    feature = (source.features or {}).get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return {i: names.index(n) for i, n in enumerate(own)}
+    return {n: names.index(n) for n in own}
+
+
+def class_counts(source, label_column: str, lookup: dict | None, num_classes: int) -> list[int]:
+    """Examples per training id (after `lookup`)."""
+    import numpy as np
+
+    ids = [lookup[v] if lookup is not None else int(v) for v in source[label_column] if v is not None]
+    return np.bincount(np.asarray(ids, dtype=np.int64), minlength=num_classes).tolist()
+
+
+def report_class_balance(names: list[str], counts: list[int], small_ratio: float = 0.25) -> list[str]:
+    """Log the training set's class counts; warn about classes with fewer than `small_ratio` x the
+    largest class's images (and about classes with none). Returns the warnings."""
+    total = sum(counts)
+    if len(names) <= 20:
+        logger.info("training set: %d images in %d classes: %s", total, len(names),
+                    ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
+    else:
+        ordered = sorted(counts)
+        logger.info("training set: %d images in %d classes: %d to %d per class (median %d)", total, len(names),
+                    ordered[0], ordered[-1], ordered[len(ordered) // 2])
+    largest = max(counts) if counts else 0
+    messages = []
+    for name, count in zip(names, counts):
+        if count == 0:
+            messages.append(f"class {name!r} has no training images")
+        elif count < small_ratio * largest:
+            messages.append(f"class {name!r} has {count} training images against {largest} in the largest class: "
+                            f"an imbalanced training set (more images of it, or class weights, would help)")
+    for message in messages:
+        logger.warning("%s", message)
+    return messages
+
+
+def check_image_folder_has_classes(directory: str) -> None:
+    """An image folder is labelled by its sub-folders: refuse one whose images all lie at the top."""
+    from .data import IMAGE_EXTENSIONS, detect_local_format
+
+    root = Path(directory).expanduser()
+    if not root.is_dir() or (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
+        return
+    if detect_local_format(root)[0] != "imagefolder":
+        return
+    images = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if images and all(p.parent == root for p in images):
+        raise ValueError(
+            f"{str(root)!r} holds its {len(images)} images directly, with no class sub-folders: an image folder "
+            f"needs one sub-folder per class ({root}/cat/1.jpg, {root}/dog/2.jpg, ...), or use parquet / "
+            f"webdataset files with a label column"
+        )
+
+
 @dataclass
 class ClassificationSplits:
-    """The train and validation splits (map-style, images undecoded) and the class names."""
+    """The train and validation splits (map-style, images undecoded), the class names (the label
+    map: training id i is `class_names[i]`), each split's raw label -> id table, and the training
+    set's examples per class."""
 
     train: object
     validation: object
     image_column: str
     label_column: str
     class_names: list[str]
+    train_lookup: dict | None = None
+    validation_lookup: dict | None = None
+    train_counts: list[int] | None = None
 
 
 def load_classification_splits(cfg, accelerator) -> ClassificationSplits:
-    """Read `cfg`'s train / validation splits (Hub dataset or local folders) and the class names:
-    the `ClassLabel` names, else "LABEL_i" for i < `cfg.num_labels` or max label + 1."""
+    """Read `cfg`'s train / validation splits (Hub dataset or local folders) and build ONE label map:
+    `cfg.label_names` when given, else the training split's class names (`ClassLabel` names, the
+    sorted values of a string column) or "LABEL_i" for integer labels (i < `cfg.num_labels` or max
+    label + 1). Every split is mapped onto it by name (`label_lookup`), before any training."""
     (train_name, train_split), (val_name, val_split) = resolve_split_sources(
         cfg.dataset_name, cfg.train_dir, cfg.validation_dir, cfg.train_split, cfg.validation_split
     )
+    for name in (cfg.train_dir, cfg.validation_dir):
+        if name:
+            check_image_folder_has_classes(name)
     with accelerator.main_process_first():  # the first read may download / convert to Arrow
         train, image_col, label_col = load_map_dataset(
             train_name, train_split, cfg.dataset_config_name, cfg.image_column, cfg.label_column, cfg.hub_token
@@ -173,19 +365,27 @@ def load_classification_splits(cfg, accelerator) -> ClassificationSplits:
         )
     if label_col is None or val_label_col is None:
         raise ValueError(
-            f"no label column found (train: {label_col!r}, validation: {val_label_col!r}); pass `label_column`"
+            f"no label column found (train: {label_col!r}, validation: {val_label_col!r}); pass `label_column` "
+            f"(image folders: one sub-folder per class)"
         )
     if cfg.max_train_samples:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if cfg.max_eval_samples:
         val = val.select(range(min(cfg.max_eval_samples, len(val))))
-    names = class_names(train, label_col)
+    given = list(getattr(cfg, "label_names", None) or [])
+    names = given or split_label_names(train, label_col)
     if names is None:
         num = cfg.num_labels or int(max(train.unique(label_col))) + 1
         names = [f"LABEL_{i}" for i in range(num)]
     elif cfg.num_labels and cfg.num_labels != len(names):
-        raise ValueError(f"`num_labels` is {cfg.num_labels} but the dataset's ClassLabel has {len(names)} classes")
-    return ClassificationSplits(train, val, image_col, label_col, names)
+        raise ValueError(f"`num_labels` is {cfg.num_labels} but the dataset has {len(names)} classes: {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"`label_names` must be distinct, got {names}")
+    reference = "`label_names`" if given else "the training split"
+    train_lookup = label_lookup(train, label_col, names, "training", reference)
+    val_lookup = label_lookup(val, label_col, names, "validation", reference)
+    counts = class_counts(train, label_col, train_lookup, len(names))
+    return ClassificationSplits(train, val, image_col, label_col, names, train_lookup, val_lookup, counts)
 
 
 def set_train_epoch(train_loader, epoch: int) -> None:
@@ -202,7 +402,7 @@ def build_classification_loaders(cfg, accelerator, splits: ClassificationSplits,
     seeds (`MapImageDataset`), so resume is exact; last incomplete batch dropped; call
     `set_train_epoch(loader, epoch)` before each epoch. Validation: sharded with `even_batches`, so
     every process runs the same number of batches and `gather_for_metrics` drops the padding. Both
-    yield (uint8 (B, 3, H, W), labels (B,), row ids (B,)).
+    yield (uint8 (B, 3, H, W), labels (B,), index used (B,), index asked (B,)) (`MapImageDataset`).
     """
     workers = cfg.dataloader_num_workers
     batch_size = train_batch_size or cfg.per_device_train_batch_size
@@ -212,7 +412,8 @@ def build_classification_loaders(cfg, accelerator, splits: ClassificationSplits,
         )
     # workers are re-created every epoch (not persistent) so that they see the dataset's new epoch
     train_loader = torch.utils.data.DataLoader(
-        MapImageDataset(splits.train, train_transform, splits.image_column, splits.label_column, seed=cfg.seed),
+        MapImageDataset(splits.train, train_transform, splits.image_column, splits.label_column, seed=cfg.seed,
+                        label_lookup=splits.train_lookup, substitute_unreadable=True),
         batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
         pin_memory=accelerator.device.type == "cuda",
         # its own generator: the DataLoader's per-iterator seed draw must not shift the global RNG
@@ -221,7 +422,8 @@ def build_classification_loaders(cfg, accelerator, splits: ClassificationSplits,
         worker_init_fn=worker_ignores_interrupts,  # Ctrl-C / SIGTERM: the training process stops cleanly
     )
     eval_loader = torch.utils.data.DataLoader(
-        MapImageDataset(splits.validation, eval_transform, splits.image_column, splits.label_column),
+        MapImageDataset(splits.validation, eval_transform, splits.image_column, splits.label_column,
+                        label_lookup=splits.validation_lookup),
         batch_size=cfg.per_device_eval_batch_size, shuffle=False, num_workers=workers,
         pin_memory=accelerator.device.type == "cuda", worker_init_fn=worker_ignores_interrupts,
     )

@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 
 from .runtime import worker_ignores_interrupts
-from .transforms import to_rgb
+from .transforms import apply_exif_orientation, to_rgb
 
 
 logger = logging.getLogger(__name__)
@@ -261,7 +261,8 @@ def split_for_process(source, rank: int, world_size: int, num_workers: int = 0, 
 # Decoding
 # --------------------------------------------------------------------------------------------------
 def decode_image(value: Any) -> Image.Image:
-    """An image cell (`{"bytes", "path"}`, bytes, a path or a PIL image) -> RGB PIL image.
+    """An image cell (`{"bytes", "path"}`, bytes, a path or a PIL image) -> RGB PIL image, turned
+    upright by its EXIF orientation tag.
 
     Raises `CorruptImageError` for anything undecodable or truncated."""
     try:
@@ -282,7 +283,7 @@ def decode_image(value: Any) -> Image.Image:
             else:
                 raise CorruptImageError("empty image cell")
         image.load()  # truncated files fail here (PIL's LOAD_TRUNCATED_IMAGES stays False)
-        return to_rgb(image)
+        return to_rgb(apply_exif_orientation(image))  # upright, as transformers' `load_image` does
     except CorruptImageError:
         raise
     except Exception as err:

@@ -324,3 +324,10 @@ class GracefulStop:
                   file=sys.stderr, flush=True)
         self.accelerator.end_training()
         raise SystemExit(128 + signum)
+
+
+def quiet_library_loggers(level: int = logging.WARNING) -> None:
+    """Keep library chatter (accelerate's "Saving current state to ...", one line per saved file) at
+    `level`, so that the script's own lines (one per epoch) stay readable."""
+    for name in ("accelerate", "datasets", "transformers", "huggingface_hub", "torch.distributed"):
+        logging.getLogger(name).setLevel(level)

@@ -22,6 +22,7 @@ or on the whole image; the logits are resized to the original annotation before 
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -35,6 +36,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .transforms import pil_to_uint8, to_rgb
+
+
+logger = logging.getLogger(__name__)
 
 
 IGNORE_INDEX = 255
@@ -244,28 +248,60 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def _read(self, index: int) -> dict | None:
+        """The decoded example, or None when its image or annotation file cannot be decoded."""
+        try:
+            example = self.source[int(index)]  # `datasets` decodes the image and the annotation here
+            for column in (self.image_column, self.label_column):
+                if isinstance(example[column], Image.Image):
+                    example[column].load()
+            return example
+        except (OSError, SyntaxError) as err:  # PIL: unidentified, truncated or broken files
+            logger.warning("skipped an unreadable %s example %d: %s: %s", "training" if self.train else "evaluation",
+                           index, type(err).__name__, err)
+            return None
+
     def __getitem__(self, index: int) -> dict:
-        example = self.source[int(index)]
+        """{"pixel_values", "labels", "skipped": [unreadable indices passed over]}. An unreadable
+        training example is replaced by the next readable one (batches keep their size, resume stays
+        exact); an unreadable evaluation example comes back as {"skipped": [index]} only."""
+        index = int(index)
+        tries = len(self.source) if self.train else 1
+        skipped = []
+        for offset in range(tries):
+            used = (index + offset) % len(self.source)
+            example = self._read(used)
+            if example is not None:
+                break
+            skipped.append(used)
+        else:
+            if self.train:
+                raise ValueError(f"none of the {len(self.source)} training examples can be decoded")
+            return {"skipped": skipped}
         label = annotation_to_array(example[self.label_column])
         if self.reduce_labels:
             label = reduce_labels(label, self.ignore_index)
         if self.train:
-            pixels, label_t = self.transform(example[self.image_column], label, seed=self.sample_seed(index))
+            pixels, label_t = self.transform(example[self.image_column], label, seed=self.sample_seed(used))
         else:
             pixels, label_t = self.transform(example[self.image_column]), torch.from_numpy(label)
-        return {"pixel_values": pixels, "labels": label_t}
+        return {"pixel_values": pixels, "labels": label_t, "skipped": skipped}
 
 
 def collate_train(examples: list[dict]) -> dict:
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.stack([e["labels"] for e in examples]),
+        "num_skipped": torch.tensor(sum(len(e["skipped"]) for e in examples)),
     }
 
 
 def collate_eval(examples: list[dict]) -> dict:
-    """Evaluation images keep their own sizes: lists, not stacked tensors."""
-    return {"pixel_values": [e["pixel_values"] for e in examples], "labels": [e["labels"] for e in examples]}
+    """Evaluation images keep their own sizes: lists, not stacked tensors; unreadable ones are left
+    out and counted."""
+    readable = [e for e in examples if "pixel_values" in e]
+    return {"pixel_values": [e["pixel_values"] for e in readable], "labels": [e["labels"] for e in readable],
+            "num_skipped": sum(len(e["skipped"]) for e in examples)}
 
 
 # --------------------------------------------------------------------------------------------------

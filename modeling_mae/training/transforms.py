@@ -25,9 +25,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop as _TorchvisionRandomResizedCrop
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..image_processing_mae import apply_exif_orientation, eval_resize_size, resize_and_center_crop  # noqa: F401
 from ..modeling_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: F401 (re-exported)
 
 
@@ -109,9 +109,14 @@ class TrainTransform:
 
         An RGB JPEG whose crop is too small for draft decoding is decoded by torchvision
         (libjpeg-turbo) straight into a tensor, then cropped + resized there (bicubic, antialiased);
-        every other file goes through PIL (`crop_pil`), with draft decoding where it is allowed.
+        every other file goes through PIL (`crop_pil`), with draft decoding where it is allowed. A
+        file with an EXIF orientation is turned upright first (decoded in full, no draft), so the crop
+        is drawn on the picture as it is seen.
         """
         image = Image.open(io.BytesIO(data))  # reads the header only
+        upright = apply_exif_orientation(image)
+        if upright is not image:  # stored sideways: the crop box must be drawn on the upright size
+            return self(upright)
         crop = self.sample_crop(*image.size)
         if image.format != "JPEG" or image.mode != "RGB":
             return self.crop_pil(image, crop)
@@ -147,17 +152,18 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to size / crop_pct (bicubic), center crop -> uint8 (3, H, W)."""
+    """Resize the shorter side to size / crop_pct (bicubic), center crop -> uint8 (3, H, W).
+
+    The exported image processor (`MAEImageProcessor`) runs the same `resize_and_center_crop`, so a
+    served model sees the pixels it was scored on."""
 
     def __init__(self, size, crop_pct: float = 224 / 256):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        resize = int(round(min(self.size) / crop_pct))
-        self.ops = v2.Compose(
-            [v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(self.size)]
-        )
+        self.crop_pct = float(crop_pct)
+        eval_resize_size(self.size, self.crop_pct)  # validates crop_pct
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return pil_to_uint8(self.ops(to_rgb(image)))
+        return pil_to_uint8(resize_and_center_crop(to_rgb(image), self.size, self.crop_pct))
 
 
 def normalize_on_device(
