@@ -27,6 +27,7 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-image>=0.22", "tensorboard"],  # the CPU demo's photographs; TensorBoard logs
-        "dev": ["pytest>=8", "pytest-timeout", "scipy", "scikit-image>=0.22", "tensorboard"],
+        "tiff": ["tifffile"],  # multi-band TIFF (pixels.decode_array); 1- and 3-channel TIFF need only Pillow
+        "dev": ["pytest>=8", "pytest-timeout", "scipy", "scikit-image>=0.22", "tensorboard", "tifffile"],
     },
 )

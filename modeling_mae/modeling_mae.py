@@ -274,7 +274,10 @@ class MAELayer(GradientCheckpointingLayer):
 class MAEEncoder(nn.Module):
     def __init__(self, config: MAEConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # stochastic depth rising linearly to drop_path_rate, computed in Python: a tensor (torch.linspace)
+        # would be created on the meta device under `with torch.device("meta")` and cannot be read back
+        n = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
         self.layer = nn.ModuleList(
             MAELayer(
                 config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate,
@@ -426,7 +429,10 @@ class MAEPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        """The official MAE initialisation (also applied to keys missing from a loaded checkpoint)."""
+        """The official MAE initialisation (also applied to keys missing from a loaded checkpoint):
+        Linear xavier-uniform with zero bias (classifier heads: truncated normal, std 2e-5 fine-tuning /
+        0.01 linear probe); patch projection xavier-uniform on its flattened weight with PyTorch's default
+        Conv2d bias U(+-1/sqrt(fan_in)); CLS / mask token N(0, 0.02); LayerNorm 1/0; fixed sin-cos tables."""
         if isinstance(module, nn.Linear):
             head_std = getattr(module, "_mae_head_std", None)
             if head_std is not None:  # classifier: truncated normal as in the official fine-tune / probe
@@ -439,8 +445,9 @@ class MAEPreTrainedModel(PreTrainedModel):
             # (initialised at the Conv2d itself: transformers skips param-less modules of remote code)
             if not getattr(module.weight, "_is_hf_initialized", False):  # a view loses the flag: check here
                 nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-            if module.bias is not None:
-                init.zeros_(module.bias)
+            if module.bias is not None:  # the official code keeps PyTorch's Conv2d default: U(+-1/sqrt(fan_in))
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
             if module.weight is not None:
                 init.ones_(module.weight)

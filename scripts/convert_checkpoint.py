@@ -42,6 +42,7 @@ from modeling_mae.conversion import (  # noqa: E402
     mae_to_official,
     mae_to_timm,
     mae_to_transformers,
+    official_args,
     save_official,
     save_state_dict,
     timm_model_kwargs,
@@ -186,7 +187,9 @@ def export_ours(args):
         return
     model = load_mae_model(args.input)
     if args.to == "official":
-        path = save_official(mae_to_official(model, allow_dropped=args.allow_dropped), args.output)
+        # the architecture and loss settings travel in the file as official checkpoints carry `args`
+        path = save_official(mae_to_official(model, allow_dropped=args.allow_dropped), args.output,
+                             args=official_args(model.config))
     elif args.to == "timm":
         path = save_state_dict(mae_to_timm(model, allow_dropped=args.allow_dropped), args.output, fmt="timm")
         print("timm model: timm.models.vision_transformer.VisionTransformer(**"

@@ -41,6 +41,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +57,7 @@ from modeling_mae.training.classification_data import (
     split_label_names,
 )
 from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.model_loading import load_pretrained
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device
 
 
@@ -65,6 +66,10 @@ class ExtractFeaturesConfig:
     """Encoder features of a dataset, saved with `datasets.Dataset.save_to_disk`."""
 
     model_name_or_path: str = ""
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     dataset_name: str = ""  # Hub id, local folder, or save_to_disk directory
     dataset_config_name: str | None = None
     split: str = "validation"
@@ -130,7 +135,7 @@ def main(argv=None):
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
     overrides = {"pooling": cfg.pooling} if cfg.pooling else {}
-    model = load_pretrained(MAEModel, cfg.model_name_or_path, **overrides).to(device).eval()
+    model = load_pretrained(MAEModel, cfg.model_name_or_path, **overrides, **checkpoint_options(cfg)).to(device).eval()
     source, image_column, label_column = load_map_dataset(
         cfg.dataset_name, cfg.split, cfg.dataset_config_name, cfg.image_column, cfg.label_column
     )

@@ -24,6 +24,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -51,7 +52,7 @@ from modeling_mae.training.classifier_export import finish_classifier_run
 from modeling_mae.training.config import parse_config, to_yaml
 from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric
 from modeling_mae.training.export import export_model
-from modeling_mae.training.model_loading import load_classifier
+from modeling_mae.training.model_loading import checkpoint_options, load_classifier
 from modeling_mae.training.optim import (
     create_optimizer,
     create_scheduler,
@@ -79,6 +80,10 @@ class FinetuneConfig:
 
     # model
     model_name_or_path: str = ""  # save_pretrained directory, Hub id, or official .pth checkpoint
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     drop_path_rate: float = 0.1
     # data: a Hub dataset (both splits), or local folders (parquet / webdataset / images)
     dataset_name: str | None = None
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
     splits = load_classification_splits(cfg, accelerator)
     model = load_classifier(cfg.model_name_or_path, drop_path_rate=cfg.drop_path_rate, pooling="mean",
                             linear_probe_head=False, num_labels=len(splits.class_names),
-                            **label_maps(splits.class_names))
+                            **label_maps(splits.class_names), **checkpoint_options(cfg))
     size = model.config.image_hw
     processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
     train_loader, eval_loader = build_classification_loaders(

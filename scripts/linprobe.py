@@ -9,10 +9,10 @@
 The loop, top to bottom: `MAEForImageClassification` with `pooling="cls"` and `linear_probe_head`
 (normalised CLS token -> BatchNorm1d(affine=False) -> Linear) -> the encoder frozen
 (`requires_grad=False`) and kept in eval mode, features computed without gradients -> only the head
-trains (its BatchNorm running statistics update), with LARS (timm) -> warm-up + cosine lr per
-optimizer step -> after every epoch: top-1 / top-5 / loss on the validation split, a resumable
-checkpoint, the best model in `output_dir/best`; at the end the whole classifier (frozen encoder +
-trained head) in `output_dir` with `id2label` and a model card of the measured accuracy.
+trains (its BatchNorm running statistics update), with the official LARS (trust coefficient 0.001)
+-> warm-up + cosine lr per optimizer step -> after every epoch: top-1 / top-5 / loss on the
+validation split, a resumable checkpoint, the best model in `output_dir/best`; at the end the whole
+classifier (frozen encoder + trained head) in `output_dir` with `id2label` and a model card of the measured accuracy.
 
 `--cache_features`: the first full epoch writes this process's training features to
 `feature_cache_dir`; later epochs train the head on them without running the encoder (each image
@@ -29,6 +29,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -51,7 +52,7 @@ from modeling_mae.training.config import parse_config, to_yaml
 from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric
 from modeling_mae.training.export import export_model
 from modeling_mae.training.linear_probe import FeatureCache, ProbeHead, feature_cache_key
-from modeling_mae.training.model_loading import load_classifier
+from modeling_mae.training.model_loading import checkpoint_options, load_classifier
 from modeling_mae.training.optim import build_lars, create_scheduler, effective_batch_size, scaled_lr
 from modeling_mae.training.demo_data import ensure_demo_data
 from modeling_mae.training.runtime import (
@@ -73,6 +74,10 @@ class LinprobeConfig:
 
     # model
     model_name_or_path: str = ""  # save_pretrained directory, Hub id, or official .pth checkpoint
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     # data: a Hub dataset (both splits), or local folders (parquet / webdataset / images)
     dataset_name: str | None = None
     dataset_config_name: str | None = None
@@ -169,7 +174,8 @@ def main(argv=None) -> int:
     # ---- data and model: frozen encoder (CLS features) + BatchNorm + Linear ------------------------
     splits = load_classification_splits(cfg, accelerator)
     model = load_classifier(cfg.model_name_or_path, pooling="cls", linear_probe_head=True, drop_path_rate=0.0,
-                            num_labels=len(splits.class_names), **label_maps(splits.class_names))
+                            num_labels=len(splits.class_names), **label_maps(splits.class_names),
+                            **checkpoint_options(cfg))
     freeze_encoder(model)
     size = model.config.image_hw
     processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -49,6 +49,7 @@ from modeling_mae.training.data import (
     StreamTracker,
     count_examples,
     detect_local_format,
+    first_image_cells,
     load_source,
     make_dataloader,
     split_for_process,
@@ -56,11 +57,12 @@ from modeling_mae.training.data import (
 )
 from modeling_mae.training.demo_data import ensure_demo_data
 from modeling_mae.training.export import HubPushError, export_model, push_to_hub, write_model_card
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained
 from modeling_mae.training.optim import (
     create_optimizer,
     create_scheduler,
     effective_batch_size,
-    param_groups_weight_decay,
+    pretraining_param_groups,
     scaled_lr,
     steps_for_epochs,
 )
@@ -75,7 +77,15 @@ from modeling_mae.training.runtime import (
     resume_command,
     tracker_hparams,
 )
-from modeling_mae.training.transforms import TrainTransform, normalize_on_device
+from modeling_mae.training.model_loading import adapt_num_channels
+from modeling_mae.training.pixels import (
+    ArrayTrainTransform,
+    PixelFormat,
+    PixelFormatError,
+    channel_statistics,
+    probe_pixel_format,
+)
+from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainTransform, normalize_on_device
 
 
 logger = logging.getLogger("pretrain")
@@ -96,10 +106,21 @@ class PretrainConfig:
     shuffle_buffer_size: int = 2000  # examples per shuffle window
     dataloader_num_workers: int = 8
     create_demo_data: bool = False  # write scikit-image crops into train_dir if it is new or empty (marked as demo)
+    # ---- pixels: channels, bit depth and statistics from the data (pixels.py) --------------------------
+    num_channels: Optional[int] = None  # default: what the data has (read from its first images)
+    pixel_range: Optional[list[float]] = None  # [low, high] -> [0, 1] for the whole dataset; default: bit depth
+    image_mean: Optional[list[str]] = None  # per channel, or `auto`; default: ImageNet's for RGB, auto otherwise
+    image_std: Optional[list[str]] = None  # per channel, or `auto` (with image_mean)
+    image_stats_num_samples: int = 256  # images read by the `auto` statistics pass
+    adapt_channels: bool = True  # adapt a checkpoint of another channel count (patch projection, pixel head)
     # ---- model -----------------------------------------------------------------------------------
     model_preset: str = "mae-vit-base-patch16"
-    model_name_or_path: Optional[str] = None  # start from saved MAEForPreTraining weights instead
+    model_name_or_path: Optional[str] = None  # start from any MAE: our dir / Hub id, official .pth, ViTMAE, timm
     model_config: dict = field(default_factory=dict)  # MAEConfig overrides, e.g. {drop_path_rate: 0.1}
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     # ---- augmentation ----------------------------------------------------------------------------
@@ -162,6 +183,32 @@ class PretrainConfig:
             raise ValueError("`push_to_hub` needs `hub_model_id` (user/name), got None")
         if self.resume_from_checkpoint == "":
             raise ValueError("`resume_from_checkpoint` must be 'latest' or a path, got ''")
+        parse_statistics(self.image_mean, self.image_std)  # raises on malformed values
+        if self.image_stats_num_samples < 1:
+            raise ValueError(f"`image_stats_num_samples` must be >= 1, got {self.image_stats_num_samples}")
+
+
+PROBE_IMAGES = 8  # images read to find the data's channel count and bit depth
+
+
+def parse_statistics(image_mean, image_std) -> Optional[tuple]:
+    """None (the default), "auto", or (mean floats, std floats) of equal length."""
+    if image_mean is None and image_std is None:
+        return None
+    is_auto = [v is not None and [str(x).lower() for x in v] == ["auto"] for v in (image_mean, image_std)]
+    if all(is_auto):
+        return "auto"
+    if any(is_auto) or image_mean is None or image_std is None:
+        raise ValueError(f"`image_mean` and `image_std` must both be values or both `auto`, got {image_mean} and {image_std}")
+    try:
+        mean, std = [float(x) for x in image_mean], [float(x) for x in image_std]
+    except ValueError:
+        raise ValueError(f"`image_mean` / `image_std` must be numbers per channel or `auto`, got {image_mean} / {image_std}") from None
+    if len(mean) != len(std):
+        raise ValueError(f"`image_mean` has {len(mean)} values but `image_std` has {len(std)}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"`image_std` values must be > 0, got {std}")
+    return mean, std
 
 
 @dataclass
@@ -177,14 +224,58 @@ class TrainState:
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-def build_model(cfg: PretrainConfig) -> MAEForPreTraining:
-    overrides = {**cfg.model_config, "mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss}
+def build_model(cfg: PretrainConfig, num_channels: int = 3) -> MAEForPreTraining:
+    """A preset (with the data's channel count), or any published MAE converted on the fly (`load_pretrained`:
+    an encoder-only release gets a new decoder, logged loudly), adapted to the data's channel count."""
+    overrides = {**cfg.model_config, "mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss,
+                 **checkpoint_options(cfg)}
     if cfg.model_name_or_path:
-        return MAEForPreTraining.from_pretrained(cfg.model_name_or_path, **overrides)
-    return MAEForPreTraining(MAEConfig.from_preset(cfg.model_preset, **overrides))
+        model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path, **overrides)
+    else:
+        model = MAEForPreTraining(MAEConfig.from_preset(cfg.model_preset, **{**overrides, "num_channels": num_channels}))
+    if model.config.num_channels != num_channels:
+        if not cfg.adapt_channels:
+            raise PixelFormatError(
+                f"the model has num_channels={model.config.num_channels} but the data has {num_channels} channel(s); "
+                f"set `adapt_channels` true to adapt the checkpoint"
+            )
+        model, message = adapt_num_channels(model, num_channels)
+        logger.warning("%s", message)
+    return model
 
 
-def build_stream(cfg: PretrainConfig, accelerator, image_size) -> ImageStream:
+def probe_data(cfg: PretrainConfig):
+    """The data's pixel format (channels, dtype, range) from its first images, and the raw (unsplit) source."""
+    source = load_source(
+        dataset_name=None if cfg.train_dir else cfg.dataset_name,
+        dataset_config_name=cfg.dataset_config_name,
+        train_dir=cfg.train_dir,
+        split=cfg.train_split,
+        token=cfg.hub_token,
+    )
+    cells, names = first_image_cells(source, PROBE_IMAGES, cfg.image_column)
+    return probe_pixel_format(cells, cfg.pixel_range, names, cfg.num_channels), source
+
+
+def image_statistics(cfg: PretrainConfig, fmt: PixelFormat, source, show_progress: bool) -> tuple[list, list, str]:
+    """(mean, std, where they come from): given values, ImageNet's for RGB, or computed (`auto`, the
+    default for non-RGB data) over the first `image_stats_num_samples` images, the same on every process."""
+    given = parse_statistics(cfg.image_mean, cfg.image_std)
+    if given is None and fmt.is_rgb8:
+        return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD), "ImageNet's"
+    if given is None or given == "auto":
+        cells, _ = first_image_cells(source, cfg.image_stats_num_samples, cfg.image_column)
+        mean, std = channel_statistics(cells, fmt, total=len(cells), progress=show_progress)
+        return mean, std, f"computed over {len(cells)} images"
+    mean, std = given
+    if len(mean) != fmt.num_channels:
+        raise ValueError(
+            f"`image_mean` / `image_std` have {len(mean)} values but the data has {fmt.num_channels} channel(s)"
+        )
+    return mean, std, "given"
+
+
+def build_stream(cfg: PretrainConfig, accelerator, image_size, pixel_format: Optional[PixelFormat] = None) -> ImageStream:
     source = load_source(
         dataset_name=None if cfg.train_dir else cfg.dataset_name,
         dataset_config_name=cfg.dataset_config_name,
@@ -193,7 +284,10 @@ def build_stream(cfg: PretrainConfig, accelerator, image_size) -> ImageStream:
         token=cfg.hub_token,
     )
     source = split_for_process(source, accelerator.process_index, accelerator.num_processes, cfg.dataloader_num_workers)
-    transform = TrainTransform(image_size, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+    if pixel_format is None or pixel_format.is_rgb8:  # photographs: the uint8 fast path
+        transform = TrainTransform(image_size, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+    else:
+        transform = ArrayTrainTransform(image_size, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
     return ImageStream(
         source,
         transform,
@@ -204,6 +298,7 @@ def build_stream(cfg: PretrainConfig, accelerator, image_size) -> ImageStream:
         seed=cfg.seed,
         rank=accelerator.process_index,
         drop_last=True,
+        pixel_format=pixel_format,
     )
 
 
@@ -248,12 +343,14 @@ def next_micro_batches(batches, count: int, tracker: StreamTracker, accelerator)
     return taken
 
 
-def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, guard: NonFiniteGuard, step: int):
-    """One optimizer step over the micro-batches. Returns (mean loss, whether the step was applied)."""
+def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, guard: NonFiniteGuard, step: int,
+               stats=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)):
+    """One optimizer step over the micro-batches. Returns (mean loss, whether the step was applied).
+    `stats`: the per-channel (mean, std) the pixels are normalised with."""
     model.train()
     losses = []
     for index, batch in enumerate(micro_batches):
-        pixel_values = normalize_on_device(batch["pixel_values"].to(accelerator.device, non_blocking=True))
+        pixel_values = normalize_on_device(batch["pixel_values"].to(accelerator.device, non_blocking=True), *stats)
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
@@ -279,24 +376,50 @@ def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, gua
 
 
 @torch.no_grad()
-def write_reconstruction(model, images_uint8: torch.Tensor, path: Path, seed: int) -> Path:
-    """Reconstruction grid PNG; its own RNG, so the training RNG (masks) is untouched."""
+def write_reconstruction(model, images: torch.Tensor, path: Path, seed: int,
+                         stats=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), save: bool = True) -> Path | None:
+    """Reconstruction grid PNG of uint8 or dataset-scaled float images; its own RNG, so the training RNG
+    (masks) is untouched. Under FSDP a forward gathers the shards (a collective): every process calls
+    this and only `save` writes."""
     from modeling_mae.training.visualization import reconstruction_grid
 
+    mean, std = stats
     with torch.random.fork_rng(devices=[]):
-        image = reconstruction_grid(model, images_uint8, seed=seed)
+        image = reconstruction_grid(model, normalize_on_device(images, mean, std), seed=seed, mean=mean, std=std)
+    if not save:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
 
 
+def image_processor_for(model, pixel_format: PixelFormat, stats):
+    """The model's image processor with the data's statistics, channel count and scaling: pixels are
+    rescaled by 1 / (high - low) of the dataset's range (low must be 0 for the processor) and normalised
+    with the training mean / std."""
+    processor = model.default_image_processor()
+    low, high = pixel_format.value_range
+    processor.image_mean, processor.image_std = list(stats[0]), list(stats[1])
+    processor.rescale_factor = 1.0 / (high - low)
+    processor.num_channels = pixel_format.num_channels
+    processor.pixel_range = [low, high]
+    if low != 0:
+        logger.warning("pixel_range starts at %g: the saved image processor rescales by 1/%g but cannot subtract %g",
+                       low, high - low, low)
+    return processor
+
+
 @torch.no_grad()
 def param_checksum(model) -> list[float]:
-    """(sum, sum of squares) of all parameters in float64: a cheap fingerprint to compare replicas."""
+    """(sum, sum of squares) of all parameters in float64: a cheap fingerprint to compare replicas.
+
+    Under FSDP a parameter is a DTensor shard: its sums are reduced over the processes (a collective,
+    every process calls this), so the fingerprint is that of the whole model there too."""
     total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
     for param in model.parameters():
         p = param.detach().double()
-        total += torch.stack([p.sum(), p.square().sum()])
+        sums = [p.sum(), p.square().sum()]
+        total += torch.stack([s.full_tensor() if hasattr(s, "full_tensor") else s for s in sums])
     return total.tolist()
 
 
@@ -331,6 +454,7 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     is_main = accelerator.is_main_process
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # a forward is a collective there
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
     # before anything is written: refuse another run's output directory, check a resumed config
@@ -353,15 +477,18 @@ def main(argv=None) -> int:
     # ---- model, data, optimizer ------------------------------------------------------------------
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    pixel_format, raw_source = probe_data(cfg)
+    stats = image_statistics(cfg, pixel_format, raw_source, show_progress=is_main)
+    logger.info("data: %s; normalised with mean %s, std %s (%s)", pixel_format.describe(), stats[0], stats[1], stats[2])
     set_seed(cfg.seed)  # identical initial weights on every process
-    model = build_model(cfg)
+    model = build_model(cfg, pixel_format.num_channels)
     if cfg.gradient_checkpointing:  # transformers >= 5 names it activation checkpointing
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     model.to(accelerator.device)
     model_config = model.config
 
-    stream = build_stream(cfg, accelerator, model_config.image_hw)
+    stream = build_stream(cfg, accelerator, model_config.image_hw, pixel_format)
     loader = make_dataloader(stream, cfg.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     num_examples = cfg.num_train_examples or count_examples(cfg.train_dir or stream.source, cfg.train_split)
 
@@ -382,7 +509,7 @@ def main(argv=None) -> int:
         total_steps, warmup_steps, num_examples if num_examples else "unknown number of",
     )
 
-    groups = param_groups_weight_decay(model, cfg.weight_decay)
+    groups = pretraining_param_groups(model, cfg.weight_decay)  # the official groups: tokens decayed
     optimizer = create_optimizer(groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
     scheduler = create_scheduler(optimizer, warmup_steps, total_steps, cfg.min_lr)
     if cfg.torch_compile:
@@ -460,7 +587,8 @@ def main(argv=None) -> int:
                 if preview is None:
                     preview = micro[0]["pixel_values"][: cfg.num_reconstruction_images].clone()
                 corrupt_images += sum(int(b["num_skipped"]) for b in micro)
-                loss, applied = train_step(model, micro, optimizer, scheduler, accelerator, cfg, guard, state.step + 1)
+                loss, applied = train_step(model, micro, optimizer, scheduler, accelerator, cfg, guard, state.step + 1,
+                                           stats[:2])
                 state.step += 1
                 images = sum(len(b["pixel_values"]) for b in micro)
                 state.samples_seen += images * accelerator.num_processes
@@ -502,9 +630,9 @@ def main(argv=None) -> int:
                     else:
                         save_checkpoint()
                         last_saved_step = state.step
-                if is_main and cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0:
+                if cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0 and (is_main or sharded):
                     png = Path(cfg.output_dir) / "reconstructions" / f"step_{state.step}.png"
-                    write_reconstruction(model, preview, png, cfg.seed)
+                    write_reconstruction(model, preview, png, cfg.seed, stats[:2], save=is_main)
                 if state.step == crash_at:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook (see the module docstring)
                 if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
@@ -533,13 +661,17 @@ def main(argv=None) -> int:
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt_images, device=accelerator.device), "sum"))
     full_state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards (collective: every process)
     accelerator.wait_for_everyone()
+    output_dir = Path(cfg.output_dir)
+    recon = None
+    if preview is not None and (is_main or sharded):
+        recon = write_reconstruction(
+            accelerator.unwrap_model(model), preview, output_dir / "reconstruction.png", cfg.seed, stats[:2],
+            save=is_main,
+        )
     if is_main:
-        output_dir = Path(cfg.output_dir)
         unwrapped = accelerator.unwrap_model(model)
-        export_model(unwrapped, output_dir, state_dict=full_state_dict)
-        recon = None
-        if preview is not None:
-            recon = write_reconstruction(unwrapped, preview, output_dir / "reconstruction.png", cfg.seed)
+        export_model(unwrapped, output_dir, state_dict=full_state_dict,
+                     image_processor=image_processor_for(unwrapped, pixel_format, stats))
         write_model_card(
             output_dir,
             card_data={
@@ -570,6 +702,7 @@ def main(argv=None) -> int:
             lr=f"{lr:.4g} (blr {cfg.blr:g} x {eff_batch} / 256)" if cfg.learning_rate is None else f"{lr:.4g} (set explicitly)",
             skipped_steps=guard.skipped,
             corrupt_images=corrupt_total,
+            pixels=f"{pixel_format.describe()}; mean {stats[0]}, std {stats[1]} ({stats[2]})",
             config_yaml=config_yaml,
         )
         logger.info("exported the model, image processor and model card to %s", output_dir)

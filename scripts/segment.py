@@ -47,7 +47,13 @@ from modeling_mae.modeling_mae import is_transfer_only, log_new_transfer_paramet
 from modeling_mae.training.checkpoint import CheckpointManager
 from modeling_mae.training.config import parse_config, to_yaml
 from modeling_mae.training.export import HubPushError, push_to_hub
-from modeling_mae.training.model_loading import is_official_checkpoint, load_pretrained
+from modeling_mae.training.model_loading import (
+    checkpoint_format,
+    checkpoint_options,
+    is_official_checkpoint,
+    load_pretrained,
+    read_config_json,
+)
 from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups
 from modeling_mae.training.runtime import GracefulStop, make_accelerator, resume_command, tracker_hparams
 from modeling_mae.training.segmentation_data import (
@@ -81,6 +87,10 @@ class SegmentConfig:
     # MAEConfig fields for `model_preset` ({num_hidden_layers: 4}) or for converting an official .pth whose
     # width is not a published one ({num_attention_heads: 2})
     model_config: dict = field(default_factory=dict)
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     out_indices: list[int] = field(default_factory=lambda: [4, 6, 8, 12])  # blocks feeding strides 4/8/16/32
     drop_path_rate: float = 0.1
     # BEiT's relative position bias (zero-initialised, transfer-only) and layer scale (gammas starting at
@@ -198,7 +208,8 @@ def transfer_options(cfg: SegmentConfig) -> dict:
 
 
 def load_backbone(cfg: SegmentConfig) -> MAEBackbone:
-    """The encoder of any MAE checkpoint (pretraining, encoder or classifier; ours, converted or official).
+    """The encoder of any MAE checkpoint (pretraining, encoder or classifier; ours, or converted on the fly
+    from an official .pth, a transformers ViTMAE or a timm model: `load_pretrained`).
 
     Relative position tables and layer-scale gammas the checkpoint lacks start at zero and at
     `layer_scale_init_value` (logged once). With the relative position bias on, the backbone is rebuilt
@@ -206,8 +217,9 @@ def load_backbone(cfg: SegmentConfig) -> MAEBackbone:
     then train at the grid they are used at, and the position table is resized once here instead of
     at every forward."""
     overrides = transfer_options(cfg)
-    if is_official_checkpoint(cfg.model_name_or_path):  # the converter builds an MAEModel; move its blocks over
-        encoder = load_pretrained(MAEModel, cfg.model_name_or_path, **cfg.model_config)
+    fmt, _ = checkpoint_format(cfg.model_name_or_path)
+    if fmt != "ours" or checkpoint_options(cfg):  # converted (or resized) as an MAEModel; move its blocks over
+        encoder = load_pretrained(MAEModel, cfg.model_name_or_path, **{**cfg.model_config, **checkpoint_options(cfg)})
         backbone = MAEBackbone(MAEConfig.from_dict({**encoder.config.to_dict(), "out_features": None, **overrides}))
         missing = backbone.mae.load_state_dict(encoder.state_dict(), strict=False).missing_keys
         missing = [k for k in missing if k not in log_new_transfer_parameters(missing, backbone.config)]
@@ -249,9 +261,7 @@ def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
         backbone_config = MAEConfig.from_preset(cfg.model_preset, **overrides)
         return MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=backbone_config, **heads, **labels))
     if not is_official_checkpoint(cfg.model_name_or_path):
-        from transformers import AutoConfig
-
-        if AutoConfig.from_pretrained(cfg.model_name_or_path).model_type in ("mae_upernet", "upernet"):
+        if read_config_json(cfg.model_name_or_path).get("model_type") in ("mae_upernet", "upernet"):
             return MAEUperNetForSemanticSegmentation.from_pretrained(cfg.model_name_or_path, **labels)
     backbone = load_backbone(cfg)
     model = MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=backbone.config, **heads, **labels))

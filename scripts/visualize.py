@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -29,7 +30,7 @@ from modeling_mae import MAEForPreTraining
 from modeling_mae.configuration_mae import MASK_STRATEGIES
 from modeling_mae.training.classification_data import load_map_dataset
 from modeling_mae.training.config import parse_config, to_yaml
-from modeling_mae.training.model_loading import load_pretrained
+from modeling_mae.training.model_loading import checkpoint_options, load_pretrained
 from modeling_mae.training.transforms import EvalTransform
 from modeling_mae.training.visualization import save_reconstruction_png
 
@@ -42,6 +43,10 @@ class VisualizeConfig:
     """Reconstruction grids of a pretrained MAE."""
 
     model_name_or_path: str = ""
+    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
+    num_attention_heads: Optional[int] = None  # encoder heads; official widths 768/1024/1280 need none
+    decoder_num_attention_heads: Optional[int] = None  # decoder heads (512-d decoder: 16)
+    image_size: Optional[int] = None  # train at this resolution: position tables are interpolated
     images: list[str] = field(default_factory=list)  # image files and/or folders (searched recursively)
     dataset_name: str | None = None
     dataset_config_name: str | None = None
@@ -121,7 +126,7 @@ def main(argv=None) -> list[Path]:
     cfg = parse_config(VisualizeConfig, argv)
     cfg.check_required()
     print(to_yaml(cfg))
-    model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path).eval()
+    model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path, **checkpoint_options(cfg)).eval()
     transform = EvalTransform(model.config.image_hw, crop_pct=cfg.eval_crop_pct)
     batch = torch.stack([transform(image) for image in load_images(cfg)])  # uint8 (N, 3, H, W)
 

@@ -460,6 +460,27 @@ def test_encoder_only_into_pretraining_warns_loudly_about_the_decoder():
     assert torch.equal(model.mae.layernorm.weight, official["norm.weight"])
 
 
+def test_encoder_only_into_classifier_says_fc_norm_starts_as_the_official_fine_tuning():
+    """fc_norm is not random: it is set to ones / zeros, as main_finetune.py starts it; the head is random.
+    (The encoder's final `norm` has no place under mean pooling, as in the official fine-tuning model.)"""
+    import warnings
+
+    official = official_state_dict("encoder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, model = convert_official_to_mae(official, model_class="MAEForImageClassification",
+                                           num_attention_heads=HEADS, num_labels=3, allow_unexpected=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, NewlyInitializedWeightsWarning)]
+    fc_norm = [m for m in messages if "fc_norm" in m]
+    head = [m for m in messages if "HEAD" in m]
+    assert len(fc_norm) == 1 and len(head) == 1, messages
+    assert "set to weight 1 and bias 0 (ones / zeros), exactly as the official fine-tuning starts it" in fc_norm[0]
+    assert "random" not in fc_norm[0].lower() and "NEWLY INITIALISED" not in fc_norm[0]
+    assert "NEWLY INITIALISED (random)" in head[0]
+    assert torch.equal(model.mae.fc_norm.weight, torch.ones(DIM))
+    assert torch.equal(model.mae.fc_norm.bias, torch.zeros(DIM))
+
+
 def test_heads_come_from_presets_or_must_be_given():
     def meta_vit(width, depth, mlp, patch=16, grid=14):
         sd = {"patch_embed.proj.weight": torch.empty(width, 3, patch, patch, device="meta"),

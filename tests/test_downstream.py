@@ -1,6 +1,7 @@
 """Fine-tuning and linear probing: layer decay, LARS, pretrain -> fine-tune, the frozen linear probe."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -64,18 +65,53 @@ def test_layer_decay_groups_carry_the_official_scales_for_12_blocks():
 
 
 def test_lars_step_is_the_official_update():
-    """Weights: w - lr * ||w|| / ||g|| * g (trust ratio, wd 0); biases: plain SGD (first step, momentum
-    buffer = g)."""
-    torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(4, 3))
-    bias = torch.nn.Parameter(torch.randn(4))
-    weight.grad, bias.grad = torch.randn(4, 3), torch.randn(4)
-    w0, b0, gw, gb = weight.detach().clone(), bias.detach().clone(), weight.grad.clone(), bias.grad.clone()
-    optimizer = build_lars([weight, bias], lr=0.5, momentum=0.9)
+    """The official util/lars.py update, computed by hand for two momentum steps (lr 0.5, momentum 0.9,
+    wd 0.1, trust coefficient 0.001):
+    weight (ndim 2): d = g + wd * w;  d *= 0.001 * ||w|| / ||d||;  mu = 0.9 * mu + d;  w -= lr * mu
+    bias (ndim 1):   d = g (no decay, no scaling);               mu = 0.9 * mu + d;  b -= lr * mu
+
+    Numbers chosen so the norms are exact: w0 = [[3, 4]] (||w0|| = 5), g = [[-1.5, 8]] -> d = [[-1.2, 8.4]],
+    ||d|| = sqrt(1.44 + 70.56) = sqrt(72) = 6 sqrt(2)."""
+    lr, momentum, wd, tc = 0.5, 0.9, 0.1, 0.001
+    weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    optimizer = build_lars([weight, bias], lr=lr, momentum=momentum, weight_decay=wd)
+
+    # step 1
+    weight.grad = torch.tensor([[-1.5, 8.0]], dtype=torch.float64)
+    bias.grad = torch.tensor([0.4, -0.2], dtype=torch.float64)
     optimizer.step()
-    trust = w0.norm() / gw.norm()
-    torch.testing.assert_close(weight.detach(), w0 - 0.5 * trust * gw)
-    torch.testing.assert_close(bias.detach(), b0 - 0.5 * gb)
+    d1 = [-1.2 * tc * 5 / 72**0.5, 8.4 * tc * 5 / 72**0.5]  # trust ratio 0.005 / sqrt(72)
+    w1 = [3.0 - lr * d1[0], 4.0 - lr * d1[1]]
+    b1 = [1.0 - lr * 0.4, -2.0 - lr * -0.2]  # = [0.8, -1.9]
+    torch.testing.assert_close(weight.detach(), torch.tensor([w1], dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(bias.detach(), torch.tensor(b1, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    # the 1000x defect of trust coefficient 1: the first weight update has norm lr * 0.001 * ||w0|| = 0.0025
+    assert (weight.detach() - torch.tensor([[3.0, 4.0]], dtype=torch.float64)).norm().item() == pytest.approx(0.0025)
+
+    # step 2: a new gradient, the momentum buffer carries 0.9 * d1
+    weight.grad = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    bias.grad = torch.tensor([-1.0, 0.5], dtype=torch.float64)
+    optimizer.step()
+    e = [2.0 + wd * w1[0], wd * w1[1]]
+    norm_w1, norm_e = (w1[0] ** 2 + w1[1] ** 2) ** 0.5, (e[0] ** 2 + e[1] ** 2) ** 0.5
+    d2 = [x * tc * norm_w1 / norm_e for x in e]
+    mu2 = [momentum * d1[0] + d2[0], momentum * d1[1] + d2[1]]
+    w2 = [w1[0] - lr * mu2[0], w1[1] - lr * mu2[1]]
+    mu2_bias = [momentum * 0.4 - 1.0, momentum * -0.2 + 0.5]  # = [-0.64, 0.32]
+    b2 = [b1[0] - lr * mu2_bias[0], b1[1] - lr * mu2_bias[1]]  # = [1.12, -2.06]
+    torch.testing.assert_close(weight.detach(), torch.tensor([w2], dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(bias.detach(), torch.tensor([1.12, -2.06], dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(bias.detach(), torch.tensor(b2, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+
+
+def test_lars_trust_ratio_is_one_for_a_zero_weight_or_update():
+    """A zero weight matrix (||w|| = 0) takes the plain step d = g; so does a zero update (nothing moves)."""
+    weight = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    optimizer = build_lars([weight], lr=0.5, momentum=0.9)
+    weight.grad = torch.tensor([[1.0, -2.0], [0.0, 4.0]], dtype=torch.float64)
+    optimizer.step()
+    torch.testing.assert_close(weight.detach(), torch.tensor([[-0.5, 1.0], [0.0, -2.0]], dtype=torch.float64))
 
 
 def test_finetune_augmentation_survives_magnitude_10_posterize():
@@ -252,8 +288,11 @@ def test_linear_probe_keeps_the_encoder_bit_identical_and_trains_the_head(pretra
     assert not torch.allclose(after["head_norm.running_var"], torch.ones_like(after["head_norm.running_var"]))
     model = MAEForImageClassification.from_pretrained(out)
     assert model.config.pooling == "cls" and model.config.linear_probe_head
+    assert torch.count_nonzero(after["classifier.bias"]) > 0  # initialised at 0: the head took steps
+    # (no accuracy bar: with the official LARS, trust coefficient 0.001, 18 steps barely move the weights)
     results = json.loads((out / "eval_results.json").read_text())
-    assert results["best"]["top1"] > 25.0
+    losses = [epoch["loss"] for epoch in results["history"]]
+    assert len(losses) == 3 and len(set(losses)) == 3 and all(math.isfinite(x) for x in losses)
 
 
 # --------------------------------------------------------------------------------------------------

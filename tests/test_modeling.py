@@ -151,6 +151,91 @@ def _check_fresh_init(model: MAEForPreTraining, config: MAEConfig):
     assert w.abs().max() <= bound + 1e-6 and w.abs().max() > 0.8 * bound
 
 
+# The official rules, parameter by parameter, on full-size ViT-B models (models_mae.py `initialize_weights`
+# / `_init_weights`, main_finetune.py and main_linprobe.py for the heads):
+#   Linear: xavier-uniform U(+-sqrt(6 / (fan_in + fan_out))), bias 0
+#   patch projection: xavier-uniform on the weight viewed as (D, C*p*p); bias left at PyTorch's Conv2d
+#     default U(+-1/sqrt(C*p*p))
+#   CLS / mask token: N(0, 0.02); LayerNorm: weight 1, bias 0; position tables: fixed sin-cos
+#   heads: truncated normal std 2e-5 (fine-tuning) / 0.01 (linear probe), bias 0
+def _check_uniform(t: torch.Tensor, bound: float, name: str):
+    """Max |x| within the bound and reaching it; mean 0; std bound / sqrt(3); half the mass within bound / 2."""
+    x = t.detach().double().flatten()
+    n = x.numel()
+    assert x.abs().max() <= bound * (1 + 1e-6), name
+    assert x.abs().max() >= bound * (1 - 20 / n), name  # the max of n uniform draws: within ~bound / n
+    sd = bound / 3**0.5
+    assert abs(x.mean().item()) < 5 * sd / n**0.5, name
+    assert abs(x.std().item() / sd - 1) < 5 * 0.45 / n**0.5, name  # s.e. of a uniform std: sqrt(0.8 / 4n)
+    inside = (x.abs() < bound / 2).double().mean().item()
+    assert abs(inside - 0.5) < 5 * 0.5 / n**0.5, name
+
+
+def _check_normal(t: torch.Tensor, std: float, name: str):
+    x = t.detach().double().flatten()
+    n = x.numel()
+    assert abs(x.mean().item()) < 5 * std / n**0.5, name
+    assert abs(x.std().item() / std - 1) < 5 / (2 * n) ** 0.5, name
+    inside = (x.abs() < std).double().mean().item()  # 68.27 % within one std
+    assert abs(inside - 0.6827) < 5 * 0.47 / n**0.5, name
+
+
+def _check_official_init(model: torch.nn.Module, head_std: float | None = None):
+    """Every parameter and buffer of `model` against the rule for its module; returns nothing unchecked."""
+    config = model.config
+    checked = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, torch.nn.Linear):
+            if mod_name == "classifier":
+                _check_normal(module.weight, head_std, mod_name)
+                assert module.weight.abs().max() <= 2.0  # the truncation bounds of trunc_normal_ (+-2)
+            else:
+                fan_out, fan_in = module.weight.shape
+                _check_uniform(module.weight, (6 / (fan_in + fan_out)) ** 0.5, mod_name)
+            assert torch.count_nonzero(module.bias) == 0, mod_name
+            checked |= {prefix + "weight", prefix + "bias"}
+        elif isinstance(module, torch.nn.Conv2d):
+            d, c, p, _ = module.weight.shape
+            _check_uniform(module.weight, (6 / (d + c * p * p)) ** 0.5, mod_name)
+            _check_uniform(module.bias, 1 / (c * p * p) ** 0.5, mod_name + ".bias")
+            assert torch.count_nonzero(module.bias) == d
+            checked |= {prefix + "weight", prefix + "bias"}
+        elif isinstance(module, torch.nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), mod_name
+            checked |= {prefix + "weight", prefix + "bias"}
+        elif isinstance(module, torch.nn.BatchNorm1d):
+            assert not module.affine and torch.all(module.running_mean == 0) and torch.all(module.running_var == 1)
+            checked |= {prefix + "running_mean", prefix + "running_var", prefix + "num_batches_tracked"}
+    for name, param in model.named_parameters():
+        if name.endswith(("cls_token", "mask_token")):
+            _check_normal(param, 0.02, name)
+            checked.add(name)
+        elif name.endswith("position_embeddings"):
+            torch.testing.assert_close(param[0], sincos_2d(config.hidden_size, config.grid_size))
+            checked.add(name)
+        elif name.endswith("decoder_pos_embed"):
+            torch.testing.assert_close(param[0], sincos_2d(config.decoder_hidden_size, config.grid_size))
+            checked.add(name)
+    everything = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    assert everything - checked == set()
+
+
+def test_fresh_vit_base_follows_the_official_initialisation_rules():
+    torch.manual_seed(0)
+    _check_official_init(MAEForPreTraining(MAEConfig.from_preset("mae-vit-base-patch16")))
+    # the heads on a one-block ViT-B (the rules do not depend on depth)
+    finetune = MAEForImageClassification(
+        MAEConfig.from_preset("mae-vit-base-patch16", num_hidden_layers=1, num_labels=1000)
+    )
+    assert finetune.mae.fc_norm is not None
+    _check_official_init(finetune, head_std=2e-5)
+    probe = MAEForImageClassification(MAEConfig.from_preset(
+        "mae-vit-base-patch16", num_hidden_layers=1, num_labels=1000, pooling="cls", linear_probe_head=True
+    ))
+    _check_official_init(probe, head_std=0.01)
+
+
 def test_published_sincos_layout():
     # first half of the channels encodes the column (width) index, second half the row index
     table = sincos_2d(8, (2, 3), add_cls_token=True)

@@ -68,6 +68,73 @@ def test_lr_is_derived_from_blr_and_effective_batch(pretrain, tmp_path, caplog):
     assert "learning rate 5e-05 = blr 0.0016 x effective batch 8 / 256" in caplog.text
 
 
+# The official pretraining weight-decay groups (timm 0.3.2 `add_weight_decay`, no skip list), by hand for a
+# 1-block encoder / 1-block decoder: decayed = every tensor of 2+ dimensions not named `.bias`, the CLS and
+# mask tokens included; the frozen position tables are in no group.
+OFFICIAL_DECAYED = {
+    "mae.embeddings.cls_token", "mae.embeddings.patch_embeddings.projection.weight",
+    "mae.encoder.layer.0.attention.qkv.weight", "mae.encoder.layer.0.attention.proj.weight",
+    "mae.encoder.layer.0.mlp.fc1.weight", "mae.encoder.layer.0.mlp.fc2.weight",
+    "decoder.mask_token", "decoder.decoder_embed.weight",
+    "decoder.decoder_layers.0.attention.qkv.weight", "decoder.decoder_layers.0.attention.proj.weight",
+    "decoder.decoder_layers.0.mlp.fc1.weight", "decoder.decoder_layers.0.mlp.fc2.weight",
+    "decoder.decoder_pred.weight",
+}
+OFFICIAL_NOT_DECAYED = {
+    "mae.embeddings.patch_embeddings.projection.bias",
+    "mae.encoder.layer.0.layernorm_before.weight", "mae.encoder.layer.0.layernorm_before.bias",
+    "mae.encoder.layer.0.attention.qkv.bias", "mae.encoder.layer.0.attention.proj.bias",
+    "mae.encoder.layer.0.layernorm_after.weight", "mae.encoder.layer.0.layernorm_after.bias",
+    "mae.encoder.layer.0.mlp.fc1.bias", "mae.encoder.layer.0.mlp.fc2.bias",
+    "mae.layernorm.weight", "mae.layernorm.bias",
+    "decoder.decoder_embed.bias",
+    "decoder.decoder_layers.0.layernorm_before.weight", "decoder.decoder_layers.0.layernorm_before.bias",
+    "decoder.decoder_layers.0.attention.qkv.bias", "decoder.decoder_layers.0.attention.proj.bias",
+    "decoder.decoder_layers.0.layernorm_after.weight", "decoder.decoder_layers.0.layernorm_after.bias",
+    "decoder.decoder_layers.0.mlp.fc1.bias", "decoder.decoder_layers.0.mlp.fc2.bias",
+    "decoder.decoder_norm.weight", "decoder.decoder_norm.bias", "decoder.decoder_pred.bias",
+}
+
+
+def _named_groups(model, groups) -> dict[float, set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for group in groups:
+        out.setdefault(group["weight_decay"], set()).update(names[id(p)] for p in group["params"])
+    return out
+
+
+def test_pretraining_builds_the_official_weight_decay_groups(pretrain, tmp_path, monkeypatch):
+    """scripts/pretrain.py hands AdamW the official groups (caught at `create_optimizer`, before training)."""
+    config = MAEConfig(image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=16, decoder_hidden_size=8, decoder_num_hidden_layers=1,
+                       decoder_num_attention_heads=2, decoder_intermediate_size=16)
+    model = MAEForPreTraining(config)
+    from modeling_mae.training.optim import pretraining_param_groups
+
+    groups = _named_groups(model, pretraining_param_groups(model, 0.05))
+    assert groups == {0.05: OFFICIAL_DECAYED, 0.0: OFFICIAL_NOT_DECAYED}
+
+    # the script: the tiny preset's groups, with the tokens decayed and the frozen tables left out
+    seen = {}
+
+    def capture(groups, *args, **kwargs):
+        seen["groups"] = groups
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(pretrain, "create_optimizer", capture)
+    data = write_dataset(tmp_path / "data", "parquet", count=8)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(tiny_args(data, tmp_path / "out", weight_decay=0.05))
+    params = [p for g in seen["groups"] for p in g["params"]]
+    decayed = {id(p) for g in seen["groups"] if g["weight_decay"] == 0.05 for p in g["params"]}
+    by_shape = [(tuple(p.shape), id(p) in decayed) for p in params]
+    assert len(params) == len({id(p) for p in params})  # each parameter once
+    assert ((1, 1, 64), True) in by_shape and ((1, 1, 32), True) in by_shape  # cls token, mask token
+    assert all(decayed_ == (len(shape) > 1) for shape, decayed_ in by_shape)  # the tiny preset names no 2-D bias
+    assert not any(shape[1:] == (65, 64) or shape[1:] == (65, 32) for shape, _ in by_shape)  # tables left out
+
+
 def test_resolved_config_is_saved_with_every_checkpoint(pretrain, tmp_path):
     data = write_dataset(tmp_path / "data", "parquet", count=32)
     out = tmp_path / "out"

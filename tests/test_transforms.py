@@ -152,8 +152,10 @@ def test_normalize_on_device():
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(out, (images.float() / 255 - mean) / std)
     assert normalize_on_device(images, dtype=torch.bfloat16).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="uint8"):
-        normalize_on_device(images.float())
+    # float images are already scaled to [0, 1] by the dataset's range (pixels.PixelFormat)
+    torch.testing.assert_close(normalize_on_device(images.float() / 255), (images.float() / 255 - mean) / std)
+    with pytest.raises(ValueError, match="uint8 or float"):
+        normalize_on_device(images.int())
 
 
 @pytest.mark.parametrize(
@@ -162,3 +164,86 @@ def test_normalize_on_device():
 def test_train_transform_rejects_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TrainTransform(32, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The linear probe's crop: the official util/crop.py sampler (one draw, clamped), against its formula
+# --------------------------------------------------------------------------------------------------
+def _official_draws(height, width, n, scale=(0.08, 1.0), seed=0):
+    from modeling_mae.training.augmentation import official_crop_params
+
+    torch.manual_seed(seed)
+    return np.array([official_crop_params(height, width, scale) for _ in range(n)], dtype=np.float64)
+
+
+def test_official_crop_draws_area_and_aspect_once_from_the_formula():
+    """Where no box needs clamping (scale <= 0.5 on a square: w <= sqrt(0.5 * 4/3) * side < side), the area
+    fraction is U(scale) and log(w / h) is U(log 3/4, log 4/3), up to the rounding of w and h."""
+    from scipy.stats import kstest
+
+    side, n = 1000, 4000
+    top, left, h, w = _official_draws(side, side, n, scale=(0.08, 0.5)).T
+    fraction = h * w / side**2
+    log_aspect = np.log(w / h)
+    a = math.log(4 / 3)
+    assert kstest(fraction, "uniform", args=(0.08, 0.42)).pvalue > 1e-3
+    assert kstest(log_aspect, "uniform", args=(-a, 2 * a)).pvalue > 1e-3
+    assert abs(fraction.mean() - 0.29) < 5 * 0.42 / math.sqrt(12 * n)
+    assert 0.079 < fraction.min() and fraction.max() < 0.501
+    assert np.all(top <= side - h) and np.all(left <= side - w) and top.min() == 0 and left.min() == 0
+
+
+def test_official_crop_clamps_instead_of_redrawing():
+    """Full range (scale 0.08-1) on a square: the width is clamped to the image when s * r > 1. By hand,
+    with s ~ U(0.08, 1) and log r ~ U(-a, a), a = log 4/3:
+        P(s r > 1) = 1/0.92 * int_{3/4}^{1} (a + log s) / (2a) ds
+                   = (a/4 - 1/4 - (3/4) log(3/4)) / (2a * 0.92) = 0.0712
+    and the same for the height (s / r > 1), never both. torchvision's sampler redraws such boxes."""
+    side, n = 1000, 6000
+    _, _, h, w = _official_draws(side, side, n).T
+    a = math.log(4 / 3)
+    expected = (a / 4 - 0.25 - 0.75 * math.log(0.75)) / (2 * a * 0.92)
+    assert expected == pytest.approx(0.0712, abs=1e-4)
+    sigma = math.sqrt(expected * (1 - expected) / n)
+    for clamped in ((w == side).mean(), (h == side).mean()):
+        assert abs(clamped - expected) < 5 * sigma + 0.002  # + rounding of w to `side` just below s r = 1
+    assert not np.any((w == side) & (h == side))
+
+
+def test_official_crop_on_a_very_elongated_image_keeps_the_full_short_side():
+    """10 x 1000 pixels (area 10^4): h = 100 sqrt(s / r) >= 100 sqrt(0.08 * 3/4) = 24.5 > 10, so h is
+    always clamped to 10, while w = round(100 sqrt(s r)) in [24, 115] is not, with
+    E[w] = 100 E[sqrt s] E[sqrt r] = 100 * (2/3)(1 - 0.08^1.5) / 0.92 * 2 sinh(a/2) / a = 71.07;
+    the top is 0 and the left uniform in [0, 1000 - w]. (torchvision's sampler finds no box in 10 tries
+    and falls back to a centre crop of aspect 4/3: 13 x 10 pixels, always in the middle.)"""
+    n = 4000
+    top, left, h, w = _official_draws(10, 1000, n).T
+    assert np.all(h == 10) and np.all(top == 0)
+    assert w.min() >= 24 and w.max() <= 115
+    a = math.log(4 / 3)
+    mean_w = 100 * (2 / 3) * (1 - 0.08**1.5) / 0.92 * 2 * math.sinh(a / 2) / a
+    assert mean_w == pytest.approx(71.07, abs=0.01)
+    assert abs(w.mean() - mean_w) < 5 * w.std() / math.sqrt(n) + 0.5  # + rounding
+    # left / (1000 - w + 1) is uniform on [0, 1)
+    from scipy.stats import kstest
+
+    assert kstest(left / (1000 - w + 1), "uniform").pvalue > 1e-3
+
+
+def test_linear_probe_transform_uses_the_official_crop():
+    """On the elongated image the official crop lands anywhere along the width; torchvision's would
+    always take the same centre 13 x 10 box. The red channel encodes the column."""
+    from modeling_mae.training.augmentation import LinprobeTrainTransform
+
+    columns = np.tile((np.arange(1000) * 255 // 999).astype(np.uint8), (10, 1))
+    image = Image.fromarray(np.stack([columns, columns, columns], axis=-1))
+    transform = LinprobeTrainTransform(16, hflip=0.0)
+    torch.manual_seed(0)
+    centres = []
+    for _ in range(200):
+        out = transform(image)
+        assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
+        centres.append(out[0].double().mean().item() / 255 * 999)  # mean column of the crop
+    centres = np.array(centres)
+    # uniform placement of a box of mean width 71: centres spread over ~[36, 964], std ~ 268
+    assert centres.min() < 150 and centres.max() > 850 and centres.std() > 200

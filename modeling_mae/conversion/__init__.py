@@ -10,7 +10,7 @@ See `convert.py` for the rules and `keymaps.py` for the rename tables; the comma
 `scripts/convert_checkpoint.py`.
 """
 
-from .architecture import official_architecture, transformers_architecture
+from .architecture import official_architecture, official_args, transformers_architecture
 from .checkpoint_io import LoadedCheckpoint, load_checkpoint, save_official, save_state_dict
 from .convert import (
     MODEL_CLASSES,
@@ -47,6 +47,7 @@ __all__ = [
     "mae_to_transformers",
     "timm_model_kwargs",
     "official_architecture",
+    "official_args",
     "transformers_architecture",
     "official_keymap",
     "TIMM",

@@ -221,3 +221,32 @@ def transformers_config_from_mae(config: MAEConfig):
         patch_size=config.patch_size,
         **{name: getattr(config, name) for name in SHARED_VIT_MAE_FIELDS},
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# MAEConfig -> the `args` an official-layout file carries
+# --------------------------------------------------------------------------------------------------
+OFFICIAL_MODEL_NAMES = {  # (width, depth, patch) -> the official `args.model` of models_mae.py
+    (768, 12, 16): "mae_vit_base_patch16",
+    (1024, 24, 16): "mae_vit_large_patch16",
+    (1280, 32, 14): "mae_vit_huge_patch14",
+}
+
+
+def official_args(config: MAEConfig) -> dict:
+    """What official checkpoints carry as `args` (model name, input_size, norm_pix_loss, mask_ratio), plus
+    what their weights cannot say for other widths (head counts), as plain types: the file written by
+    `save_official(..., args=official_args(config))` loads with `torch.load(weights_only=True)` and converts
+    back without any flag (`convert_official_to_mae(..., checkpoint_args=...)`)."""
+    height, width = config.image_hw
+    name = OFFICIAL_MODEL_NAMES.get((config.hidden_size, config.num_hidden_layers, config.patch_size))
+    return {
+        "model": name or f"mae_vit_{config.hidden_size}d{config.num_hidden_layers}_patch{config.patch_size}",
+        "input_size": height if height == width else [height, width],
+        "in_chans": int(config.num_channels),
+        "norm_pix_loss": bool(config.norm_pix_loss),
+        "mask_ratio": float(config.mask_ratio),
+        "layer_norm_eps": float(config.layer_norm_eps),
+        "num_attention_heads": int(config.num_attention_heads),
+        "decoder_num_attention_heads": int(config.decoder_num_attention_heads),
+    }

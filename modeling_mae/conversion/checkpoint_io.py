@@ -26,7 +26,7 @@ class LoadedCheckpoint:
     """A checkpoint's state dict, and the training arguments when the file carries them."""
 
     state_dict: dict[str, torch.Tensor]
-    args: dict = field(default_factory=dict)  # vars(args) of an official training checkpoint, else {}
+    args: dict = field(default_factory=dict)  # vars(args) of an official training checkpoint (or our args dict), else {}
     path: str = ""
 
 
@@ -58,7 +58,8 @@ def load_checkpoint(path: str | os.PathLike, state_dict_key: str | None = None) 
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a dict (a state dict or a checkpoint)")
 
-    args = obj.get("args") if isinstance(obj.get("args"), argparse.Namespace) else None
+    args = obj.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else None
     if state_dict_key is not None:
         if state_dict_key not in obj:
             raise ValueError(f"{path} has no entry {state_dict_key!r}; its top-level keys are {sorted(obj)}")
@@ -73,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike, state_dict_key: str | None = None) 
             f"{path}: entries {not_tensors[:8]} are not tensors; pass state_dict_key= (CLI: --state_dict_key) to "
             f"name the entry holding the weights (top-level keys: {sorted(obj)[:12]})"
         )
-    return LoadedCheckpoint(dict(state_dict), vars(args) if args is not None else {}, str(path))
+    return LoadedCheckpoint(dict(state_dict), dict(args) if args is not None else {}, str(path))
 
 
 def _check_file_target(path: Path, suffixes: tuple[str, ...], fmt: str):
@@ -84,11 +85,16 @@ def _check_file_target(path: Path, suffixes: tuple[str, ...], fmt: str):
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def save_official(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write `{"model": state_dict}` as the official repository does (loadable with weights_only=True)."""
+def save_official(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, args: dict | None = None) -> Path:
+    """Write `{"model": state_dict, "args": args}` as the official repository does. `args` (see
+    `official_args`) is a plain dict of str / int / float / bool / lists, so the file loads with
+    `torch.load(weights_only=True)` without allowing any class (official files pickle a Namespace)."""
     path = Path(path)
     _check_file_target(path, (".pth", ".pt"), "official")
-    torch.save({"model": state_dict}, path)
+    payload = {"model": state_dict}
+    if args is not None:
+        payload["args"] = dict(args)
+    torch.save(payload, path)
     return path
 
 

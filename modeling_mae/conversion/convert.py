@@ -60,11 +60,14 @@ MODEL_CLASSES = {cls.__name__: cls for cls in (MAEModel, MAEForPreTraining, MAEF
 KIND_TO_CLASS = {"encoder": "MAEModel", "pretraining": "MAEForPreTraining", "classifier": "MAEForImageClassification"}
 
 # Parts of our models that a release kind may lack entirely (encoder-only weights have no decoder and
-# no head); asking for a class with such a part initialises it anew, loudly.
+# no head); asking for a class with such a part initialises it anew and says how. The decoder and the
+# head are random, to be trained; `fc_norm` starts at weight 1, bias 0, as the official fine-tuning
+# starts it (its model builds `fc_norm` fresh and loads only the encoder).
 NEW_PARTS = (
-    (("decoder.",), "the pretraining DECODER"),
-    (("classifier.", "head_norm."), "the classification HEAD"),
-    (("mae.fc_norm.",), "the pooled-feature LayerNorm `fc_norm`"),
+    (("decoder.",), "the pretraining DECODER", None),
+    (("classifier.", "head_norm."), "the classification HEAD", None),
+    (("mae.fc_norm.",), "the pooled-feature LayerNorm `fc_norm`",
+     "set to weight 1 and bias 0 (ones / zeros), exactly as the official fine-tuning starts it"),
 )
 POSITION_TABLES = ("mae.embeddings.position_embeddings", "decoder.decoder_pos_embed")
 RELATIVE_POSITION_TABLE = "relative_position_bias_table"
@@ -147,16 +150,19 @@ def build_from_foreign(
         )
 
     missing = dict(renamed.missing)
-    for prefixes, what in NEW_PARTS:
+    for prefixes, what, initialised_as in NEW_PARTS:
         part = [k for k in fresh if k.startswith(prefixes)]
         if part and all(k in missing for k in part):
             for k in part:
                 missing.pop(k)
-            message = (
-                f"\n{'!' * 100}\n{what} of this {model_class.__name__} is NEWLY INITIALISED (random): the "
-                f"{keymap.name} checkpoint has no weights for it ({len(part)} tensors, e.g. {part[0]}). "
-                f"Train it before using its outputs.\n{'!' * 100}"
-            )
+            absent = f"the {keymap.name} checkpoint has no weights for it ({len(part)} tensors, e.g. {part[0]})"
+            if initialised_as is None:
+                message = (
+                    f"\n{'!' * 100}\n{what} of this {model_class.__name__} is NEWLY INITIALISED (random): "
+                    f"{absent}. Train it before using its outputs.\n{'!' * 100}"
+                )
+            else:
+                message = f"{what} of this {model_class.__name__} is {initialised_as}: {absent}."
             warnings.warn(message, NewlyInitializedWeightsWarning, stacklevel=3)
     if missing:
         described = [f"{k} <- {' + '.join(v) if v else '(no rule)'}" for k, v in missing.items()]
@@ -211,11 +217,15 @@ def _convert_vit_layout(
     """Shared by the official and timm formats (same names): kind -> class, weights -> config, load."""
     overrides = dict(config_overrides)
     heads = {k: overrides.pop(k) for k in ("num_attention_heads", "decoder_num_attention_heads") if k in overrides}
+    # Head counts written by `save_official(..., args=official_args(config))` (the weights cannot hold them)
+    for name in ("num_attention_heads", "decoder_num_attention_heads"):
+        if name not in heads and isinstance((checkpoint_args or {}).get(name), int):
+            heads[name] = checkpoint_args[name]
     kind = detect_kind(state_dict, "decoder_embed.weight", ("head.weight", "head.1.weight"))
     cls = resolve_model_class(model_class, kind)
     architecture = {**official_architecture(state_dict, source, source_image_size, **heads), **heads}
     # Training arguments pickled in full official checkpoints say how the decoder was trained.
-    for name in ("norm_pix_loss", "mask_ratio"):
+    for name in ("norm_pix_loss", "mask_ratio", "layer_norm_eps"):
         if name in (checkpoint_args or {}) and name not in overrides:
             architecture[name] = checkpoint_args[name]
     architecture = default_pooling(cls.__name__, architecture, overrides)

@@ -1,8 +1,11 @@
 """The fine-tuning and linear-probing augmentations and losses (paper Tables 9 and 10), from maintained
 libraries: RandomResizedCrop + flip + RandAugment (torchvision v2 + timm) as uint8 on the host, random
-erasing and Mixup/CutMix (timm) on the normalised batch on the device, and the matching criterion."""
+erasing and Mixup/CutMix (timm) on the normalised batch on the device, and the matching criterion.
+The linear probe's crop is the official one (`official_crop_params`), which no library provides."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from timm.data import rand_augment_transform
@@ -67,15 +70,52 @@ class FinetuneTrainTransform:
         return pil_to_uint8(self.ops(to_rgb(image)))
 
 
+def official_crop_params(height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The crop box (top, left, h, w) of the official linear probe's RandomResizedCrop (`util/crop.py`,
+    after BYOL's TF code): ONE draw, no retry loop, no centre-crop fallback.
+
+        target area = height * width * U(scale)
+        aspect      = exp(U(log ratio[0], log ratio[1]))
+        w = round(sqrt(area * aspect)),  h = round(sqrt(area / aspect)),  each clamped to the image
+        top ~ U{0..height - h},  left ~ U{0..width - w}
+
+    Unlike torchvision's sampler (up to 10 draws until the box fits, then a centre crop), a box that
+    does not fit is clamped, so the area and aspect distributions differ (e.g. a very elongated image
+    gets crops of its full short side). Randomness from torch's global generator, as torchvision's.
+    (w, h are kept >= 1 so a few-pixel image does not give an empty box; the official code would fail.)
+    """
+    area = height * width
+    target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+    w = min(max(1, round(math.sqrt(target_area * aspect))), width)
+    h = min(max(1, round(math.sqrt(target_area / aspect))), height)
+    top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+    left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+    return top, left, h, w
+
+
+class OfficialRandomResizedCrop:
+    """RandomResizedCrop with the official linear-probe sampler (`official_crop_params`), then a bicubic,
+    antialiased resize to `size`; takes and returns a PIL image (or a tensor (..., H, W))."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BICUBIC):
+        self.size = [size, size] if isinstance(size, int) else list(size)
+        self.scale, self.ratio, self.interpolation = tuple(scale), tuple(ratio), interpolation
+
+    def __call__(self, image):
+        height, width = v2.functional.get_size(image)
+        top, left, h, w = official_crop_params(height, width, self.scale, self.ratio)
+        return v2.functional.resized_crop(image, top, left, h, w, self.size, self.interpolation, antialias=True)
+
+
 class LinprobeTrainTransform:
-    """The official linear-probe augmentation: RandomResizedCrop(size, scale 0.08-1, bicubic) + flip."""
+    """The official linear-probe augmentation: RandomResizedCrop(size, scale 0.08-1, bicubic) with the
+    official sampler (`util/crop.py`, not torchvision's) + flip."""
 
     def __init__(self, size: int, hflip: float = 0.5):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.ops = v2.Compose([
-            v2.RandomResizedCrop(self.size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(hflip),
-        ])
+        self.ops = v2.Compose([OfficialRandomResizedCrop(self.size), v2.RandomHorizontalFlip(hflip)])
 
     def __call__(self, image) -> torch.Tensor:
         return pil_to_uint8(self.ops(to_rgb(image)))

@@ -56,9 +56,10 @@ from .transforms import apply_exif_orientation, to_rgb
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", "tiff", "npy", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target", "fine_label")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+ARRAY_EXTENSIONS = (".npy",)  # multi-band arrays (H, W) or (H, W, C); see `pixels.py`
 
 
 class DatasetAccessError(RuntimeError):
@@ -73,17 +74,19 @@ class CorruptImageError(ValueError):
 # Sources
 # --------------------------------------------------------------------------------------------------
 LOCAL_LAYOUTS = (
-    "*.parquet shards (the Hub layout), webdataset *.tar shards, or image files "
-    f"({', '.join(IMAGE_EXTENSIONS)}; flat or in class sub-folders), in any sub-folder"
+    "*.parquet shards (the Hub layout), webdataset *.tar shards, image files "
+    f"({', '.join(IMAGE_EXTENSIONS)}; flat or in class sub-folders) or .npy arrays, in any sub-folder"
 )
 
 
 def _readable_image(paths: list[Path], tries: int = 16) -> bool:
-    """Whether one of the first `tries` image files decodes (header and structure: `Image.verify`)."""
+    """Whether one of the first `tries` image files decodes (with the data path's own decoder, so 16-bit
+    and multi-band TIFFs count as readable)."""
+    from .pixels import decode_array
+
     for path in paths[:tries]:
         try:
-            with Image.open(path) as image:
-                image.verify()
+            decode_array(str(path))
             return True
         except Exception:
             continue
@@ -107,10 +110,13 @@ def detect_local_format(train_dir: str | os.PathLike, field: str = "train_dir") 
     parquet = [str(p) for p in files if p.suffix == ".parquet"]
     tars = [str(p) for p in files if p.suffix == ".tar"]
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    arrays = [str(p) for p in files if p.suffix.lower() in ARRAY_EXTENSIONS]
     if parquet:
         return "parquet", {"data_files": parquet}
     if tars:
         return "webdataset", {"data_files": tars}
+    if arrays and not images:
+        return "arrayfolder", {"data_files": arrays, "data_dir": str(root)}
     if images and _readable_image(images):
         return "imagefolder", {"data_dir": str(root)}
     found = f"{len(images)} image file(s), none readable" if images else f"{len(files)} file(s), none of them data"
@@ -155,6 +161,8 @@ def load_source(
         )
     if train_dir is not None:
         builder, kwargs = detect_local_format(train_dir)
+        if builder == "arrayfolder":
+            return array_folder_source(kwargs["data_files"], kwargs["data_dir"])
         if "data_files" in kwargs:
             kwargs = {"data_files": {split: kwargs["data_files"]}}
         return datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
@@ -168,6 +176,29 @@ def load_source(
         if type(err).__module__.startswith(("huggingface_hub", "requests", "httpx", "datasets.exceptions")):
             raise _access_error(dataset_name, err) from err
         raise
+
+
+def _array_files(files: list[str], classes: dict):
+    """Examples of `array_folder_source` (a generator over one shard of the file list)."""
+    for path in files:
+        yield {"image": {"bytes": None, "path": path}, "label": classes.get(str(Path(path).parent), -1)}
+
+
+def array_folder_source(files: list[str], root: str):
+    """A folder of `.npy` arrays (class sub-folders optional) as a streaming `datasets.IterableDataset`
+    with `image` = {bytes, path} and `label` columns, one shard per file (the imagefolder builder
+    reads only image files)."""
+    import datasets
+
+    features = datasets.Features({
+        "image": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+        "label": datasets.Value("int64"),
+    })
+    folders = sorted({str(Path(f).parent) for f in files})
+    classes = {folder: index for index, folder in enumerate(folders)} if len(folders) > 1 else {}
+    return datasets.IterableDataset.from_generator(
+        _array_files, features=features, gen_kwargs={"files": list(files), "classes": classes}
+    )
 
 
 def detect_columns(features, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str | None]:
@@ -311,6 +342,32 @@ def sample_id(example: dict, image_column: str) -> str:
     return ""
 
 
+def _cell_name(cell: Any, image_column: str) -> str:
+    """The file path of an image cell when it has one, else its `sample_id`."""
+    if isinstance(cell, dict) and cell.get("path"):
+        return str(cell["path"])
+    return sample_id({image_column: cell}, image_column) if not isinstance(cell, (list, np.ndarray)) else "(array cell)"
+
+
+def _image_feature_dtype(source, image_column: str) -> str | None:
+    from .pixels import feature_dtype
+
+    features = getattr(source, "features", None)
+    return feature_dtype(features.get(image_column)) if features is not None else None
+
+
+def first_image_cells(source, count: int, image_column: str | None = None) -> tuple[list, list[str]]:
+    """The undecoded image cells of the first `count` examples of a (raw) source, and their names."""
+    source, image_column, _ = prepare_source(source, image_column, None)
+    examples = list(source.take(count))
+    dtype = _image_feature_dtype(source, image_column)
+    cells = [example[image_column] for example in examples]
+    if dtype is not None:  # array columns read back as lists: give them their declared element type
+        cells = [np.asarray(cell, dtype=dtype) if isinstance(cell, list) else cell for cell in cells]
+    names = [example.get("__key__") or _cell_name(cell, image_column) for example, cell in zip(examples, cells)]
+    return cells, names
+
+
 def _label(example: dict, label_column: str | None) -> int:
     if label_column is None:
         return -1
@@ -341,8 +398,12 @@ class ImageStream(torch.utils.data.IterableDataset):
         shuffle_window: shuffle raw examples in windows of this many (0 or 1: stream order).
         seed, rank: feed the window permutations and per-example augmentation seeds.
         drop_last: drop each worker's final incomplete batch (training) or yield it (evaluation).
+        pixel_format: the dataset's channels and bit depth (`pixels.probe_pixel_format`). None or 8-bit
+            RGB: the uint8 photograph path (`transform` takes PIL images). Anything else: the array
+            path (`_load_array`; `transform` takes float (C, H, W) tensors, e.g. `ArrayTrainTransform`),
+            `pixel_values` float32 scaled by the dataset's range, every image checked against the format.
 
-    Yields dicts: `pixel_values` uint8 (B, C, H, W) (or (C, H, W)), `labels` int64 (B,) (or int),
+    Yields dicts: `pixel_values` uint8 (B, C, H, W) (or (C, H, W); float32 on the array path), `labels` int64 (B,) (or int),
     `sample_ids` list of str, `num_skipped` (corrupt images skipped since the previous yield) and
     `stream_state` (this worker's position after the batch). Resumed streams may first yield
     `{"placeholder": True}` items, which the consumer drops.
@@ -359,9 +420,12 @@ class ImageStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         rank: int = 0,
         drop_last: bool = True,
+        pixel_format=None,
     ):
         super().__init__()
         source, self.image_column, self.label_column = prepare_source(source, image_column, label_column)
+        self.pixel_format = None if pixel_format is None or pixel_format.is_rgb8 else pixel_format
+        self._array_dtype = _image_feature_dtype(source, self.image_column)
         self.source = source
         self.transform = transform
         self.batch_size = batch_size
@@ -425,6 +489,8 @@ class ImageStream(torch.utils.data.IterableDataset):
         the header, then JPEG draft / tensor decoding: the fast path of `TrainTransform`); anything else
         is decoded to an RGB PIL image first. The augmentation is seeded from the example's position so
         a resumed run crops identically; fork_rng keeps the caller's global RNG untouched."""
+        if self.pixel_format is not None:
+            return self._load_array(cell, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             data = _encoded_bytes(cell)
@@ -434,6 +500,20 @@ class ImageStream(torch.utils.data.IterableDataset):
                 except Exception as err:  # truncated or garbage bytes: PIL OSError, torchvision RuntimeError
                     raise CorruptImageError(f"{type(err).__name__}: {err}") from err
             return self.transform(decode_image(cell))
+
+    def _load_array(self, cell: Any, seed: int) -> torch.Tensor:
+        """Decode one image of a non-RGB dataset -> float32 (C, H, W) scaled by the dataset's range, then
+        `transform`, seeded like `_load`. An image of another channel count or dtype is an error naming it."""
+        from .pixels import decode_array
+
+        try:
+            array = decode_array(cell, self._array_dtype)
+        except Exception as err:
+            raise CorruptImageError(f"{type(err).__name__}: {err}") from err
+        self.pixel_format.check(array, f"image {_cell_name(cell, self.image_column)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(self.pixel_format.to_float(array))
 
     def __iter__(self):
         worker, num_workers = self._worker()
@@ -615,6 +695,8 @@ def count_examples(source_or_dir, split: str = "train") -> int | None:
                     keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
                 total += len(keys)
             return total
+        if fmt == "arrayfolder":
+            return len(kwargs["data_files"])
         return sum(1 for p in Path(kwargs["data_dir"]).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     info = getattr(source_or_dir, "info", None)
     splits = getattr(info, "splits", None) or {}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from ..file_modes import give_weights_usual_mode
 
 
@@ -39,9 +41,33 @@ def export_model(
     output_dir = Path(output_dir)
     if is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        model = unsharded_model(model, state_dict)
         model.save_pretrained(output_dir, image_processor=image_processor, state_dict=state_dict, is_main_process=True)
         give_weights_usual_mode(output_dir)  # safetensors writes 0600; every other file is 0644 (umask)
     return output_dir
+
+
+def unsharded_model(model, state_dict: dict | None):
+    """The model as its own class, holding `state_dict` when it is FSDP2-sharded.
+
+    `fully_shard` swaps a module's class for a generated `FSDP<Name>` subclass; `save_pretrained` on it
+    would write that class into `auto_map` and copy torch's FSDP source files as the model's remote
+    code. Rebuilt here from the config (on the meta device, then the gathered weights assigned)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    if state_dict is None:
+        raise ValueError("exporting an FSDP-sharded model needs its full `state_dict` (accelerator.get_state_dict)")
+    from transformers import PreTrainedModel
+
+    own_class = next(
+        c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule)
+    )
+    with torch.device("meta"):
+        plain = own_class(model.config)
+    plain.load_state_dict(state_dict, assign=True)
+    return plain
 
 
 def write_model_card(

@@ -1,15 +1,19 @@
 """Optimizer, learning rate and schedule, as in the MAE recipes.
 
+- `pretraining_param_groups`: the official pretraining groups (timm 0.3.2's `add_weight_decay` with no
+  skip list): no decay on 1-D tensors and `.bias`, decay on everything else, the CLS and mask tokens
+  included; frozen parameters (the fixed sin-cos tables) are left out.
 - `param_groups_weight_decay`: weight decay only on tensors with dim >= 2 that the model does not list in
   `no_weight_decay()` (so no decay on biases, norms, position embeddings, CLS / mask tokens); frozen
-  parameters (the fixed sin-cos tables) are left out.
+  parameters are left out.
 - `effective_batch_size` / `scaled_lr`: lr = blr * (per-device batch x processes x accumulation) / 256.
 - `create_optimizer`: AdamW, fused when the parameters live on a device that has the fused kernel.
 - `create_scheduler`: linear warm-up then half-cycle cosine, stepped once per optimizer step
   (transformers' `get_cosine_schedule_with_warmup`, or its `min_lr` variant).
 
 Downstream: `layer_decay_param_groups` (fine-tuning: timm's `param_groups_layer_decay` through the model's
-`group_matcher()` / `no_weight_decay()`), passed to `create_optimizer`; `build_lars` (the linear probe's LARS).
+`group_matcher()` / `no_weight_decay()`), passed to `create_optimizer`; `LARS` / `build_lars` (the linear
+probe's optimizer, the official `util/lars.py` update).
 """
 
 from __future__ import annotations
@@ -18,8 +22,27 @@ import inspect
 import math
 
 import torch
-from timm.optim import Lars, param_groups_layer_decay
+from timm.optim import param_groups_layer_decay
 from torch import nn
+
+
+def pretraining_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The official pretraining groups: {"params": decayed, "weight_decay": wd}, {"params": rest, 0}.
+
+    `main_pretrain.py` calls timm 0.3.2's `add_weight_decay(model, wd)` without a skip list, so only
+    the shape and the name decide: 1-D tensors (norms, biases) and names ending in `.bias` get no
+    decay; everything else is decayed, the CLS token (1, 1, D) and the mask token included (the
+    model's `no_weight_decay()` list, which fine-tuning uses, is deliberately not consulted here).
+    Frozen parameters (the fixed sin-cos position tables) are left out of the optimizer."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float, skip: set[str] | None = None) -> list[dict]:
@@ -110,17 +133,59 @@ def layer_decay_param_groups(model: nn.Module, lr: float, weight_decay: float, l
     return groups
 
 
-def build_lars(params: list[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> Lars:
-    """timm `Lars` configured as the official MAE linear-probe LARS.
+class LARS(torch.optim.Optimizer):
+    """LARS as in the official MAE linear probe (`util/lars.py`, from MoCo v3), step for step.
 
-    Weight matrices: update scaled by the trust ratio ||w|| / (||g|| + wd * ||w||) (trust coefficient
-    1, adapted even without weight decay; with the recipe's wd = 0 this is the official ||w|| / ||g||).
-    Biases and other 1-d tensors: plain SGD with momentum and no weight decay.
+    For a tensor with more than one dimension (a weight matrix):
+        d = g + wd * w
+        d = d * trust_coefficient * ||w|| / ||d||   (factor 1 when ||w|| or ||d|| is 0)
+    Tensors of one dimension or less (biases, norms): d = g, no weight decay, no scaling.
+    Then for all: mu = momentum * mu + d (mu starts at 0), w = w - lr * mu.
+
+    Written here rather than configured from timm's `Lars`: timm divides by ||g|| + wd * ||w|| + eps
+    instead of ||g + wd * w||, and tests ||g|| rather than ||d|| for the zero case, so it differs from
+    the official update as soon as wd != 0.
     """
-    matrices = [p for p in params if p.requires_grad and p.ndim > 1]
-    vectors = [p for p in params if p.requires_grad and p.ndim <= 1]
-    groups = [
-        dict(params=matrices, weight_decay=weight_decay, always_adapt=True),
-        dict(params=vectors, weight_decay=0.0, always_adapt=False),
-    ]
-    return Lars([g for g in groups if g["params"]], lr=lr, momentum=momentum, trust_coeff=1.0, eps=0.0)
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        if lr < 0 or weight_decay < 0 or momentum < 0 or trust_coefficient < 0:
+            raise ValueError(
+                f"LARS needs lr, weight_decay, momentum and trust_coefficient >= 0, got {lr}, {weight_decay}, "
+                f"{momentum}, {trust_coefficient}"
+            )
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = param.grad
+                if param.ndim > 1:  # weight matrices: weight decay and the layer-wise trust ratio
+                    update = update.add(param, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
+                    ratio = group["trust_coefficient"] * param_norm / update_norm
+                    ratio = torch.where((param_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+                    update = update.mul(ratio)
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(group["momentum"]).add_(update)
+                param.add_(buffer, alpha=-group["lr"])
+        return loss
+
+
+def build_lars(params: list[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+               trust_coefficient: float = 0.001) -> LARS:
+    """The official linear-probe optimizer over the trainable `params`: `LARS` with trust coefficient
+    0.001 (the official default, which `main_linprobe.py` keeps); wd 0 in the recipe."""
+    trainable = [p for p in params if p.requires_grad]
+    return LARS(trainable, lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)

@@ -65,6 +65,18 @@ def _has_accelerator() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
+def refuse_fsdp_without_gpu(cpu: bool) -> None:
+    """An FSDP launch (`ACCELERATE_USE_FSDP=true`) on CPU processes is an error: accelerate enables FSDP
+    only for GPU-like process types and would silently train unsharded (MULTI_CPU), replicating the
+    whole model and optimizer in every process."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (cpu or not _has_accelerator()):
+        raise ValueError(
+            "distributed_type FSDP (configs/accelerate/fsdp.yaml) needs GPUs: accelerate runs CPU processes as "
+            "MULTI_CPU and ignores fsdp_config there; on this machine launch with "
+            "configs/accelerate/cpu_multi_process.yaml"
+        )
+
+
 def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking: bool, report_to, cpu: bool = False):
     """An Accelerator for an explicit loop whose processes each read their own shard of a stream.
 
@@ -77,6 +89,7 @@ def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking
     if mixed_precision not in (None, "no", "bf16", "fp16", "fp8"):
         raise ValueError(f"`mixed_precision` must be one of no/bf16/fp16/fp8, got {mixed_precision!r}")
     trackers = resolve_trackers(report_to) if with_tracking else []
+    refuse_fsdp_without_gpu(cpu)
     if not cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
         # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: run as CPU processes (gloo)
         cpu = True

@@ -169,9 +169,16 @@ class EvalTransform:
 def normalize_on_device(
     images: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, dtype=torch.float32
 ) -> torch.Tensor:
-    """uint8 (N, C, H, W) on any device -> normalised float (N, C, H, W) of `dtype`."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"normalize_on_device expects uint8 images, got {images.dtype}")
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    """uint8 (N, C, H, W) 0-255, or float (N, C, H, W) already scaled to [0, 1] by the dataset's range
+    (`pixels.PixelFormat`), on any device -> normalised float (N, C, H, W) of `dtype`. `mean` / `std` are
+    per channel, in the [0, 1] scale (ImageNet's by default)."""
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"normalize_on_device expects uint8 or float images, got {images.dtype}")
+    if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+        raise ValueError(
+            f"image_mean / image_std have {len(mean)} / {len(std)} values, but the images have {images.shape[1]} channels"
+        )
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * scale
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * scale
     return ((images.float() - mean_t) / std_t).to(dtype)

@@ -3,7 +3,11 @@
     image = reconstruction_grid(model, pixel_values, mask_ratio=0.75, mask_strategy="random", seed=0)
     save_reconstruction_png(model, pixel_values, "recon.png")
 
-One row per image. The steps are the paper's: mask the image (`make_noise` -> `random_masking`
+One row per image; RGB for 3 channels, gray for 1, and for any other channel count one grid per
+channel stacked top to bottom (or a chosen 3-channel composite, `composite=(r, g, b)`). Pixels are
+shown in the dataset's own scale: un-normalised with the training mean / std back to [0, 1] of the
+dataset's fixed range (16-bit data: its bit depth or `pixel_range`), never stretched per image.
+The steps are the paper's: mask the image (`make_noise` -> `random_masking`
 inside the model), predict every patch with the decoder, `unpatchify`. Models trained with
 `norm_pix_loss` predict each patch normalised by its own mean and variance; they are shown with each
 predicted patch un-normalised by the statistics of the original patch
@@ -129,7 +133,9 @@ def to_uint8_image(image: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET
     pixels = torch.nan_to_num(pixels, nan=MASK_GRAY).clamp(0, 1)
     if pixels.shape[0] == 1:
         pixels = pixels.expand(3, -1, -1)
-    return (pixels[:3] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if pixels.shape[0] != 3:
+        raise ValueError(f"to_uint8_image shows 1 or 3 channels, got {pixels.shape[0]}: pick channels first")
+    return (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def caption(model, mask_ratio, mask_strategy, seed, noise) -> str:
@@ -155,6 +161,7 @@ def reconstruction_grid(
     noise: torch.Tensor | None = None,
     mean=IMAGENET_DEFAULT_MEAN,
     std=IMAGENET_DEFAULT_STD,
+    composite: tuple[int, int, int] | None = None,
 ) -> Image.Image:
     """One row per image: original | masked | reconstruction | reconstruction with visible patches.
 
@@ -163,9 +170,11 @@ def reconstruction_grid(
         pixel_values: (N, C, H, W) normalised with `mean`/`std`, or uint8 images (normalised here).
         mask_ratio / mask_strategy: default to the model config's; seed: masking seed.
         noise: (N, L) explicit masking scores (overrides strategy and seed).
-        mean / std: the normalisation of `pixel_values`, undone for display.
+        mean / std: the normalisation of `pixel_values` (one value per channel), undone for display.
+        composite: for other than 1 or 3 channels, the 3 channels shown as red, green, blue; default: one
+            grid per channel, stacked (each `grid_image_size(N, H, W)`).
     Returns:
-        RGB `PIL.Image` of size `grid_image_size(N, H, W)` with a caption strip on top.
+        RGB `PIL.Image` of size `grid_image_size(N, H, W)` (times the channel count, stacked) with caption strips.
     """
     if pixel_values.ndim == 3:
         pixel_values = pixel_values.unsqueeze(0)
@@ -174,7 +183,28 @@ def reconstruction_grid(
     if pixel_values.dtype == torch.uint8:
         pixel_values = normalize_on_device(pixel_values, mean, std)
     panels = reconstruct(model, pixel_values, mask_ratio, mask_strategy, seed, noise)
+    text = caption(model, mask_ratio, mask_strategy, seed, noise)
+    channels = panels["original"].shape[1]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean / std have {len(mean)} / {len(std)} values but the images have {channels} channels")
+    if channels in (1, 3):
+        return _render(panels, mean, std, text)
+    pick = lambda idx: {k: v[:, idx] for k, v in panels.items() if k != "mask"}  # noqa: E731
+    if composite is not None:
+        idx = list(composite)
+        if len(idx) != 3 or not all(0 <= i < channels for i in idx):
+            raise ValueError(f"composite must name 3 of the {channels} channels, got {composite}")
+        return _render(pick(idx), [mean[i] for i in idx], [std[i] for i in idx],
+                       f"Channels {idx[0]}, {idx[1]}, {idx[2]} as red, green, blue. " + text)
+    grids = [_render(pick([c]), [mean[c]], [std[c]], f"Channel {c} of {channels}. " + text) for c in range(channels)]
+    canvas = Image.new("RGB", (grids[0].width, sum(g.height for g in grids)), BACKGROUND)
+    for index, grid in enumerate(grids):
+        canvas.paste(grid, (0, index * grids[0].height))
+    return canvas
 
+
+def _render(panels: dict, mean, std, text: str) -> Image.Image:
+    """The grid of 1- or 3-channel panels (see `reconstruction_grid`)."""
     num, _, height, width = panels["original"].shape
     scale = upscale_factor(height, width)
     panel_h, panel_w = height * scale, width * scale
@@ -184,7 +214,7 @@ def reconstruction_grid(
 
     # caption strip, wrapped to the canvas width and cut to CAPTION_LINES lines
     chars_per_line = max(20, int(canvas.width / 6.5))
-    lines = textwrap.wrap(caption(model, mask_ratio, mask_strategy, seed, noise), chars_per_line)
+    lines = textwrap.wrap(text, chars_per_line)
     for i, line in enumerate(lines[:CAPTION_LINES]):
         draw.text((PAD, i * LINE_HEIGHT + 2), line, fill=(0, 0, 0), font=font)
     top = CAPTION_LINES * LINE_HEIGHT

@@ -1,0 +1,324 @@
+"""Images that are not 8-bit RGB: channel count and bit depth from the data, one scaling per dataset.
+
+RGB photographs (8-bit, 3 channels) keep the uint8 path of `transforms.py` untouched. Everything else
+(1-channel `L` / `I;16` PNG and TIFF, multi-band `.npy` arrays, multi-band TIFF read with the optional
+`tifffile`) goes through this module:
+
+    fmt = probe_pixel_format(cells)             # channels + dtype of the first images; all must agree
+    array = decode_array(cell)                  # (H, W, C) in the file's own dtype, never rescaled
+    fmt.check(array, "image 17")                # every later image: same channels and dtype, or an error
+    pixels = fmt.to_float(array)                # (C, H, W) float32 = (x - low) / (high - low), the
+                                                # dataset's range (bit depth or configured), not the image's
+    ArrayTrainTransform(size)(pixels)           # RandomResizedCrop + flip on the float tensor
+
+Arrays are channels-last: a `.npy` holds (H, W) or (H, W, C); a TIFF's sample axis (`S` / `C` in
+tifffile's axes) is moved last, and a TIFF without a named sample axis is read as (H, W, C) too.
+
+`ChannelStats` computes the per-channel mean and standard deviation of a sample of images in one
+streaming pass (float64 sums, so millions of pixels add up exactly enough), for `--image_mean auto`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+
+NPY_MAGIC = b"\x93NUMPY"
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# PIL modes read as they are (one channel, the file's integer / float type)
+SINGLE_CHANNEL_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16,
+                        "I;16N": np.uint16, "I": np.int32, "F": np.float32}
+BIT_DEPTH_RANGES = {"uint8": (0.0, 255.0), "uint16": (0.0, 65535.0)}
+
+
+class PixelFormatError(ValueError):
+    """Images of one dataset disagree in channel count or data type, or disagree with the model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding to arrays
+# --------------------------------------------------------------------------------------------------
+def _cell_bytes_or_path(cell: Any):
+    if isinstance(cell, dict):
+        return cell.get("bytes"), cell.get("path")
+    if isinstance(cell, (bytes, bytearray)):
+        return bytes(cell), None
+    if isinstance(cell, str):
+        return None, cell
+    return None, None
+
+
+def _read_tiff(data: bytes) -> np.ndarray:
+    try:
+        import tifffile
+    except ImportError as err:  # pragma: no cover - depends on the optional extra
+        raise ImportError("multi-band TIFF needs tifffile: pip install 'modeling_mae[tiff]'") from err
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        series = tif.series[0]
+        array = series.asarray()
+        axes = series.axes
+    for name in ("S", "C"):  # a named sample / channel axis goes last
+        if name in axes and array.ndim == 3:
+            return np.moveaxis(array, axes.index(name), -1)
+    return array
+
+
+def feature_dtype(feature) -> str | None:
+    """The element type of an array-valued `datasets` feature (Array2D/3D, nested List / Sequence of a
+    Value), so that cells read back as Python lists keep it; None for image features and the unknown."""
+    while feature is not None:
+        dtype = getattr(feature, "dtype", None)
+        if isinstance(dtype, str) and dtype not in ("list", "dict") and not hasattr(feature, "decode"):
+            return dtype
+        feature = getattr(feature, "feature", None)
+    return None
+
+
+def decode_array(cell: Any, dtype: str | None = None) -> np.ndarray:
+    """An image cell (encoded bytes, `{"bytes", "path"}`, a path, an array or nested lists, a PIL image) ->
+    (H, W, C) array in the file's own dtype. RGB-like PIL modes (RGB, RGBA, P, CMYK, ...) become 8-bit RGB
+    (`transforms.to_rgb`); `L`, `I;16`, `I`, `F` stay one channel with their values. Array cells (a Hub
+    dataset's Array3D column, a webdataset `.npy`) take `dtype` (see `feature_dtype`) when given."""
+    if isinstance(cell, np.ndarray) or isinstance(cell, list):
+        array = np.asarray(cell, dtype=dtype)
+    elif isinstance(cell, Image.Image):
+        array = _pil_array(cell)
+    else:
+        data, path = _cell_bytes_or_path(cell)
+        if data is None and path:
+            with open(path, "rb") as f:
+                data = f.read()
+        if not data:
+            raise ValueError("empty image cell")
+        if data[:6] == NPY_MAGIC:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        elif data[:4] in TIFF_MAGICS and _tiff_needs_tifffile(data):
+            array = _read_tiff(data)
+        else:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            array = _pil_array(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise ValueError(f"an image array must be (H, W) or (H, W, C), got shape {array.shape}")
+    return array
+
+
+def _tiff_needs_tifffile(data: bytes) -> bool:
+    """PIL reads 1- and 3-channel TIFFs; multi-band ones (and anything PIL rejects) go to tifffile."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return False
+    except Exception:
+        return True
+
+
+def _pil_array(image: Image.Image) -> np.ndarray:
+    from .transforms import to_rgb
+
+    if image.mode in SINGLE_CHANNEL_MODES:
+        return np.asarray(image, dtype=SINGLE_CHANNEL_MODES[image.mode])
+    return np.asarray(to_rgb(image), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataset's pixel format
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PixelFormat:
+    """Channels, data type and value range of every image of a dataset.
+
+    `value_range` maps pixels to float: (x - low) / (high - low). It is the bit depth's full range
+    (uint8 0-255, uint16 0-65535) unless configured (`pixel_range`; required for float and 32-bit data)."""
+
+    num_channels: int
+    dtype: str
+    value_range: tuple[float, float]
+
+    @property
+    def is_rgb8(self) -> bool:
+        """The photograph fast path (`transforms.TrainTransform`, uint8 until the device)."""
+        return self.num_channels == 3 and self.dtype == "uint8"
+
+    def check(self, array: np.ndarray, where: str) -> None:
+        if array.shape[-1] != self.num_channels or str(array.dtype) != self.dtype:
+            raise PixelFormatError(
+                f"{where} has {array.shape[-1]} channel(s) of {array.dtype}, but the dataset's images have "
+                f"{self.num_channels} channel(s) of {self.dtype} (from its first images)"
+            )
+
+    def to_float(self, array: np.ndarray) -> torch.Tensor:
+        """(H, W, C) array -> (C, H, W) float32 scaled by the dataset's range (never by the image's)."""
+        low, high = self.value_range
+        pixels = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32, copy=False)).permute(2, 0, 1)
+        return (pixels - low) / (high - low)
+
+    def describe(self) -> str:
+        low, high = self.value_range
+        return f"{self.num_channels} channel(s), {self.dtype}, scaled from [{low:g}, {high:g}] to [0, 1]"
+
+
+def probe_pixel_format(cells: Iterable[Any], pixel_range=None, names: Iterable[str] | None = None,
+                       num_channels: int | None = None) -> PixelFormat:
+    """The format of a dataset from its first images (`cells`); they must all agree (channels, dtype).
+
+    8-bit photographs that mix grayscale and colour (ImageNet has both) are one RGB dataset, as is any
+    8-bit dataset when `num_channels=3` is asked for (grayscale converted to RGB, as before). Any other
+    `num_channels` must be what the images have."""
+    found = []
+    names = list(names) if names is not None else None
+    for index, cell in enumerate(cells):
+        array = decode_array(cell)
+        found.append((array.shape[-1], str(array.dtype), names[index] if names else f"image {index}"))
+    if not found:
+        raise ValueError("no image to read the channel count and bit depth from")
+    channels, dtype, first = found[0]
+    if all(d == "uint8" and c in (1, 3) for c, d, _ in found) and (
+        num_channels == 3 or (num_channels is None and any(c == 3 for c, _, _ in found))
+    ):
+        return PixelFormat(3, "uint8", BIT_DEPTH_RANGES["uint8"])
+    for other_channels, other_dtype, name in found[1:]:
+        if (other_channels, other_dtype) != (channels, dtype):
+            raise PixelFormatError(
+                f"the dataset's images disagree: {first} has {channels} channel(s) of {dtype}, {name} has "
+                f"{other_channels} channel(s) of {other_dtype}"
+            )
+    if num_channels is not None and num_channels != channels:
+        raise PixelFormatError(
+            f"`num_channels` is {num_channels} but the dataset's images have {channels} channel(s) of {dtype} "
+            f"({first}); leave `num_channels` unset to use the data's"
+        )
+    if pixel_range is not None:
+        if len(pixel_range) != 2 or not float(pixel_range[0]) < float(pixel_range[1]):
+            raise ValueError(f"`pixel_range` must be [low, high] with low < high, got {list(pixel_range)}")
+        value_range = (float(pixel_range[0]), float(pixel_range[1]))
+    elif dtype in BIT_DEPTH_RANGES:
+        value_range = BIT_DEPTH_RANGES[dtype]
+    else:
+        raise ValueError(
+            f"the images hold {dtype} values, which have no bit depth to scale by: set `pixel_range` [low, high] "
+            f"(the same for the whole dataset)"
+        )
+    return PixelFormat(channels, dtype, value_range)
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation on float tensors
+# --------------------------------------------------------------------------------------------------
+class ArrayTrainTransform:
+    """RandomResizedCrop + horizontal flip of a float (C, H, W) tensor, any channel count: the same
+    random decisions, drawn in the same order, as `transforms.TrainTransform`."""
+
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5):
+        from .transforms import TrainTransform
+
+        self._sampler = TrainTransform(size, scale=scale, ratio=ratio, hflip=hflip)  # validates the arguments
+        self.size = self._sampler.size
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        height, width = pixels.shape[-2:]
+        crop = self._sampler.sample_crop(width, height)
+        out = TF.resized_crop(pixels, *crop, list(self.size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return out.flip(-1) if self._sampler.sample_flip() else out
+
+    def __repr__(self):
+        s = self._sampler
+        return f"ArrayTrainTransform(size={s.size}, scale={s.scale}, ratio={s.ratio}, hflip={s.hflip})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-channel statistics
+# --------------------------------------------------------------------------------------------------
+class ChannelStats:
+    """Streaming per-channel mean and (population) standard deviation of float (C, H, W) images."""
+
+    def __init__(self):
+        self.count = 0
+        self.total = None
+        self.total_sq = None
+
+    def update(self, pixels: torch.Tensor) -> None:
+        flat = pixels.detach().reshape(pixels.shape[0], -1).double()
+        if self.total is None:
+            self.total = torch.zeros(flat.shape[0], dtype=torch.float64)
+            self.total_sq = torch.zeros(flat.shape[0], dtype=torch.float64)
+        elif flat.shape[0] != self.total.shape[0]:
+            raise PixelFormatError(f"an image has {flat.shape[0]} channels, the earlier ones {self.total.shape[0]}")
+        self.total += flat.sum(dim=1)
+        self.total_sq += flat.square().sum(dim=1)
+        self.count += flat.shape[1]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        if not self.count:
+            raise ValueError("no pixels seen: cannot compute image_mean / image_std")
+        mean = self.total / self.count
+        var = (self.total_sq / self.count - mean.square()).clamp_min(0)
+        std = var.sqrt().clamp_min(1e-6)
+        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def channel_statistics(cells: Iterable[Any], fmt: PixelFormat, total: int | None = None,
+                       progress: bool = True) -> tuple[list[float], list[float]]:
+    """Per-channel mean / std over `cells` (whole images, scaled by `fmt`), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    stats = ChannelStats()
+    for index, cell in enumerate(tqdm(cells, total=total, desc="image statistics", unit="img", disable=not progress)):
+        array = decode_array(cell)
+        if fmt.is_rgb8 and array.shape[-1] == 1:  # a grayscale photograph among colour ones, as the stream sees it
+            array = np.repeat(array, 3, axis=-1)
+        fmt.check(array, f"image {index}")
+        stats.update(fmt.to_float(array))
+    return stats.result()
+
+
+# --------------------------------------------------------------------------------------------------
+# Demo data (no download): 16-bit single-channel images and 6-band arrays
+# --------------------------------------------------------------------------------------------------
+DEMO_PIXEL_KINDS = ("gray16", "bands6")
+
+
+def demo_pixel_arrays(kind: str, count: int, size: int = 48, seed: int = 0) -> list[np.ndarray]:
+    """Smooth random scenes a tiny MAE can learn: `gray16` = (H, W) uint16 with a per-image brightness
+    level anywhere in 0-65535 (the absolute level matters, as in X-ray or CT); `bands6` = (H, W, 6) uint16
+    "spectra": each pixel mixes two of three random material maps with band-specific responses."""
+    if kind not in DEMO_PIXEL_KINDS:
+        raise ValueError(f"`kind` must be one of {DEMO_PIXEL_KINDS}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    responses = rng.uniform(2000, 20000, size=(3, 6))  # material x band
+    out = []
+    for _ in range(count):
+        coarse = rng.uniform(0, 1, size=(3, 5, 5)).astype(np.float32)
+        maps = np.stack([np.asarray(Image.fromarray(c, mode="F").resize((size, size), Image.BICUBIC)) for c in coarse])
+        maps = maps.clip(0, 1)
+        if kind == "gray16":
+            level, contrast = rng.uniform(2000, 50000), rng.uniform(2000, 12000)
+            out.append((level + contrast * maps[0]).clip(0, 65535).astype(np.uint16))
+        else:
+            weights = maps / maps.sum(axis=0, keepdims=True).clip(1e-3)
+            out.append(np.einsum("khw,kb->hwb", weights, responses).clip(0, 65535).astype(np.uint16))
+    return out
+
+
+def write_demo_pixel_dataset(out_dir, kind: str, count: int = 2048, size: int = 48, seed: int = 0) -> int:
+    """Write `demo_pixel_arrays` into a folder: 16-bit PNGs (`gray16`) or `.npy` arrays (`bands6`)."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, array in enumerate(demo_pixel_arrays(kind, count, size, seed)):
+        if kind == "gray16":
+            Image.fromarray(array).save(out / f"{index:05d}.png")
+        else:
+            np.save(out / f"{index:05d}.npy", array)
+    return count
