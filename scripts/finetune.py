@@ -134,7 +134,7 @@ class FinetuneConfig:
     checkpointing_steps: int | None = None  # also save every N optimizer steps (always at each epoch end)
     checkpoints_total_limit: int | None = 2
     overwrite_output_dir: bool = False  # start afresh in an output_dir holding another run's results
-    allow_config_change_on_resume: bool = False  # resume even if model / data / seed / batch / schedule differ
+    allow_config_change_on_resume: bool = False  # resume even if model / data / seed / batch / lr differ
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     with_tracking: bool = False
     report_to: str = "tensorboard"

@@ -153,7 +153,7 @@ class PretrainConfig:
     checkpoints_total_limit: Optional[int] = 3
     resume_from_checkpoint: Optional[str] = None  # latest | PATH
     overwrite_output_dir: bool = False  # start afresh in an output_dir holding another run's results
-    allow_config_change_on_resume: bool = False  # resume even if model / data / seed / batch / schedule differ
+    allow_config_change_on_resume: bool = False  # resume even if model / data / seed / batch / lr differ
     # ---- what the user sees ----------------------------------------------------------------------
     with_tracking: bool = False
     report_to: str = "tensorboard"  # tensorboard | wandb | all | none

@@ -28,8 +28,8 @@ and applies the rules transformers' Trainer users know:
 
 - an output directory holding another run's results is refused (the message says what is there)
   unless `overwrite_output_dir` is set or the run resumes;
-- resuming with a config that changes the result (model, data, seed, effective batch, schedule ...;
-  everything but `NON_RESULT_KEYS`) is refused naming the differing keys, unless
+- resuming with a config that changes the result (model, data, seed, effective batch, lr ...;
+  everything but `NON_RESULT_KEYS`, which include the run's length) is refused naming the keys, unless
   `allow_config_change_on_resume` is set.
 
     manager = CheckpointManager(output_dir, keep_last=3)
@@ -71,6 +71,8 @@ NON_RESULT_KEYS = frozenset({
     "gradient_checkpointing", "per_device_eval_batch_size", "preprocessing_num_workers", "mean_iou_path",
     "feature_cache_dir", "create_demo_data", "max_consecutive_nonfinite", "debug",
     "per_device_train_batch_size", "gradient_accumulation_steps",
+    # the run's length: extending a run (resume with more steps / epochs) is a deliberate, common change
+    "max_train_steps", "num_train_epochs",
 })
 # Entries of an output directory that a run writes before its first result (a run that never got
 # further may be started again without `--overwrite_output_dir`).
