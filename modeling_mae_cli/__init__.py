@@ -8,7 +8,16 @@ errors answer at once, and imports torch, transformers and datasets afterwards.
     from modeling_mae_cli import option, parse_config, run_main
 """
 
-from .config import ConfigError, HelpFormatter, build_parser, check_model_location, option, parse_config, to_dict, to_yaml
+from .config import (
+    ConfigError,
+    HelpFormatter,
+    build_parser,
+    check_model_location,
+    option,
+    parse_config,
+    to_dict,
+    to_yaml,
+)
 from .main import ExpectedError, is_expected, run_main
 
 

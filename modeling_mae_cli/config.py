@@ -371,8 +371,12 @@ def parse_config(cls, argv: Sequence[str] | None = None, description: str | None
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as a dict for saving, printing and trackers: secrets (hub_token, ...) masked."""
+    from .secrets import mask_secrets
+
+    return mask_secrets(dataclasses.asdict(cfg))
 
 
 def to_yaml(cfg) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    """The config as YAML (config.yaml, checkpoints, model cards, stdout): secrets masked."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -124,6 +124,7 @@ from modeling_mae.conversion import (  # noqa: E402
 )
 from modeling_mae.conversion.checkpoint_io import fetch_checkpoint  # noqa: E402
 from modeling_mae.conversion.mmseg import convert_mmseg_to_mae, mae_to_mmseg, save_mmseg  # noqa: E402
+from modeling_mae.file_modes import give_weights_usual_mode  # noqa: E402
 
 
 def config_overrides(args) -> dict:
@@ -145,6 +146,7 @@ def convert_mmseg(args):
         allow_unexpected=args.allow_unexpected,
     )
     model.save_pretrained(args.output)
+    give_weights_usual_mode(args.output)  # safetensors writes 0600
     backbone = config.backbone_config
     print(f"mmseg {args.input} -> {type(model).__name__} in {args.output} (image {backbone.image_hw}, patch "
           f"{backbone.patch_size}, width {backbone.hidden_size}, {backbone.num_hidden_layers} blocks, blocks "
@@ -177,6 +179,7 @@ def convert_into_ours(args):
     if "id2label" in common and config.num_labels != len(common["id2label"]):
         raise ValueError(f"--imagenet_labels: the model has {config.num_labels} classes, not 1000")
     model.save_pretrained(args.output)  # also writes the image processor, auto_map and the modeling code
+    give_weights_usual_mode(args.output)  # safetensors writes 0600
     print(f"{args.source} {args.input} -> {type(model).__name__} in {args.output} "
           f"(image {config.image_hw}, patch {config.patch_size}, width {config.hidden_size}, "
           f"{config.num_hidden_layers} blocks, {config.num_attention_heads} heads)")
@@ -202,6 +205,7 @@ def export_ours(args):
     else:
         hf_model = mae_to_transformers(model, allow_dropped=args.allow_dropped)
         hf_model.save_pretrained(args.output)
+        give_weights_usual_mode(args.output)  # safetensors writes 0600
         model.default_image_processor().save_pretrained(args.output)
         path = args.output
     print(f"{args.input} ({type(model).__name__}) -> {args.to} {path}")

@@ -21,6 +21,8 @@ then keeps the augmented view of the cached epoch).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -88,6 +90,9 @@ class LinprobeConfig:
         None, help="also save every N optimizer steps (always at each epoch end)")
     checkpoints_total_limit: int | None = option(2, help="keep only the last N checkpoints; none: keep all")
     resume_from_checkpoint: str | None = option(None, help="'latest' or a checkpoint directory to resume from")
+    overwrite_output_dir: bool = option(False, help="start afresh in an output_dir that holds another run's results")
+    allow_config_change_on_resume: bool = option(
+        False, help="resume even if model / data / seed / effective batch / lr differ from the checkpoint's")
     with_tracking: bool = option(False, help="log metrics to the trackers of report_to")
     report_to: str = option("tensorboard", help="trackers for with_tracking", choices=REPORT_TO)
     logging_steps: int = option(50, help="log loss and lr every N optimizer steps")
@@ -120,6 +125,7 @@ if __name__ == "__main__":  # --help and usage errors answer before torch, trans
 import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from modeling_mae.training.augmentation import LinprobeTrainTransform  # noqa: E402
 from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
@@ -134,14 +140,26 @@ from modeling_mae.training.classification_data import (  # noqa: E402
 )
 from modeling_mae.training.classifier_export import finish_classifier_run  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
-from modeling_mae.training.evaluation import EpochLoss, evaluate_classifier, format_epoch_line, format_per_class, load_metric  # noqa: E402
+from modeling_mae.training.demo_data import ensure_demo_data  # noqa: E402
+from modeling_mae.training.evaluation import (  # noqa: E402
+    EpochLoss,
+    evaluate_classifier,
+    format_epoch_line,
+    format_per_class,
+    load_metric,
+)
 from modeling_mae.training.export import check_hub_access, export_model  # noqa: E402
 from modeling_mae.training.linear_probe import FeatureCache, ProbeHead, feature_cache_key  # noqa: E402
 from modeling_mae.training.model_loading import checkpoint_options, load_classifier  # noqa: E402
 from modeling_mae.training.optim import build_lars, create_scheduler, effective_batch_size, scaled_lr  # noqa: E402
-from modeling_mae.training.runtime import make_accelerator, quiet_library_loggers  # noqa: E402
+from modeling_mae.training.runtime import (  # noqa: E402
+    GracefulStop,  # noqa: E402
+    make_accelerator,
+    quiet_library_loggers,
+    resume_command,  # noqa: E402
+    tracker_hparams,  # noqa: E402
+)
 from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
-
 
 
 logger = logging.getLogger(__name__)
@@ -164,13 +182,17 @@ def main(argv=None) -> int:
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    # before anything is written: refuse another run's output directory, check a resumed config
+    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
+    resume = manager.begin(accelerator, cfg)
     if accelerator.is_main_process:
         print(f"# resolved config\n{to_yaml(cfg)}", flush=True)
     set_seed(cfg.seed)
     if cfg.create_demo_data and accelerator.is_main_process:
-        for directory, count, seed in ((cfg.train_dir, 96, 0), (cfg.validation_dir, 32, 1)):
-            if directory and not Path(directory).exists():
-                make_synthetic_classification(directory, count, seed=seed)
+        for field_name, count, seed in (("train_dir", 96, 0), ("validation_dir", 32, 1)):
+            if getattr(cfg, field_name):
+                ensure_demo_data(getattr(cfg, field_name), functools.partial(
+                    make_synthetic_classification, num_per_class=count, seed=seed), field=field_name)
     accelerator.wait_for_everyone()
 
     # ---- data and model: frozen encoder (CLS features) + BatchNorm + Linear ------------------------
@@ -225,29 +247,31 @@ def main(argv=None) -> int:
                              accelerator.process_index, key=key)
 
     # ---- resume ------------------------------------------------------------------------------------
-    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
     state = {"step": 0, "epoch": 0, "best_top1": -1.0, "best_epoch": -1, "history": [], "unreadable_train": [],
              "per_class": {}}
     epoch_loss = EpochLoss()
-    resume = manager.resolve(cfg.resume_from_checkpoint)
     if resume is not None:
         state, _ = manager.load(accelerator, resume)
         bad_train.load_state_dict(state.get("unreadable_train"))
         epoch_loss.load_state_dict(state.get("epoch_loss"))
         logger.info("resumed from %s at step %d", resume, state["step"])
     if cfg.with_tracking:
-        accelerator.init_trackers("mae_linprobe", {k: str(v) for k, v in vars(cfg).items()})
+        accelerator.init_trackers("mae_linprobe", tracker_hparams(cfg))
 
     def save_checkpoint():
         bad_train.merge(accelerator)  # a collective: every process saves at the same steps
         state["unreadable_train"] = bad_train.state_dict()
         epoch_loss.flush(accelerator)
         state["epoch_loss"] = epoch_loss.state_dict()
-        manager.save(accelerator, state["step"], trainer_state=state, config_yaml=to_yaml(cfg))
+        return manager.save(accelerator, state["step"], trainer_state=state, config_yaml=to_yaml(cfg))
 
     # ---- train the head ----------------------------------------------------------------------------
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
     announced = False  # the cache's use is logged once
+    stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
+    scope = contextlib.ExitStack()
+    scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
+    scope.enter_context(logging_redirect_tqdm())  # log lines go above the progress bar, not glued onto it
     for epoch in range(state["epoch"], cfg.num_train_epochs):
         head.train()
         freeze_encoder(model)  # the encoder stays in eval mode
@@ -289,12 +313,17 @@ def main(argv=None) -> int:
             state["step"] += 1
             progress.update(1)
             if state["step"] % cfg.logging_steps == 0:
-                progress.set_postfix(loss=f"{loss.item():.4f}")
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 if cfg.with_tracking:
                     accelerator.log({"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]},
                                     step=state["step"])
-            if cfg.checkpointing_steps and state["step"] % cfg.checkpointing_steps == 0:
+            saved = cfg.checkpointing_steps and state["step"] % cfg.checkpointing_steps == 0
+            if saved:
                 save_checkpoint()
+            if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
+                path = manager.latest() if saved else save_checkpoint()
+                progress.close()
+                stop.exit(state["step"], path)
         if writing_cache:
             cache.save()
             logger.info("cached the training features in %s", cache.path.parent)
@@ -314,7 +343,11 @@ def main(argv=None) -> int:
             state["best_top1"], state["best_epoch"] = results["top1"], epoch + 1
             export_model(model, Path(cfg.output_dir) / "best", image_processor=processor,
                          is_main_process=accelerator.is_main_process)
-        save_checkpoint()
+        path = save_checkpoint()
+        if stop.requested():  # a signal during the evaluation: the epoch's checkpoint is written
+            progress.close()
+            stop.exit(state["step"], path)
+    scope.close()
     progress.close()
     if state["history"]:
         last_per_class = state["per_class"][str(state["epoch"])]

@@ -2,8 +2,8 @@
 
     python scripts/make_demo_data.py --out outputs/demo_data [--num_crops 4096 --crop_size 64 --num_shards 4]
 
-`scripts/pretrain.py --config configs/pretrain/demo.yaml` does this itself (`create_demo_data: true`)
-when its `train_dir` holds no parquet files yet.
+`scripts/pretrain.py --config configs/pretrain/demo.yaml` does this itself (`create_demo_data: true`).
+The data goes only into a new or empty folder (marked as demo data), never into one holding other files.
 
 Data that is not 8-bit RGB (configs/pretrain/demo_gray16.yaml, demo_bands6.yaml):
 
@@ -12,6 +12,7 @@ Data that is not 8-bit RGB (configs/pretrain/demo_gray16.yaml, demo_bands6.yaml)
 """
 
 import argparse
+import functools
 import sys
 
 from modeling_mae_cli import HelpFormatter, run_main
@@ -30,14 +31,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # after parsing: --help needs no torch
     from modeling_mae.training.data import write_demo_dataset
+    from modeling_mae.training.demo_data import ensure_demo_data
     from modeling_mae.training.pixels import write_demo_pixel_dataset
 
     if args.pixels:
-        count = write_demo_pixel_dataset(args.out, args.pixels, count=args.num_crops // 2, size=48, seed=args.seed)
-        print(f"wrote {count} {args.pixels} images to {args.out}")
+        written = ensure_demo_data(args.out, functools.partial(
+            write_demo_pixel_dataset, kind=args.pixels, count=args.num_crops // 2, size=48, seed=args.seed), field="--out")
+        print(f"wrote {args.pixels} images to {args.out}" if written else f"{args.out} already holds the demo data")
         return
-    paths = write_demo_dataset(args.out, args.num_crops, args.crop_size, args.num_shards, args.seed)
-    print(f"wrote {args.num_crops} crops in {len(paths)} parquet shards to {args.out}")
+    write = functools.partial(write_demo_dataset, num_crops=args.num_crops, crop_size=args.crop_size,
+                              num_shards=args.num_shards, seed=args.seed)
+    if ensure_demo_data(args.out, write, field="--out"):
+        print(f"wrote {args.num_crops} crops in {args.num_shards} parquet shards to {args.out}")
+    else:
+        print(f"{args.out} already holds the demo data")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class PretrainConfig:
     num_train_examples: Optional[int] = option(None, help="epoch length when the dataset does not tell")
     shuffle_buffer_size: int = option(2000, help="examples per shuffle window of the stream")
     dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
-    create_demo_data: bool = option(False, help="write scikit-image crops into train_dir first if it is empty")
+    create_demo_data: bool = option(False, help="write scikit-image crops into train_dir if it is new or empty (marked as demo data)")
     # ---- pixels: channels, bit depth and statistics from the data (pixels.py) --------------------------
     num_channels: Optional[int] = option(None, help="image channels; default: what the data has (its first images)")
     pixel_range: Optional[list[float]] = option(
@@ -104,6 +104,9 @@ class PretrainConfig:
     checkpointing_steps: Optional[int] = option(1000, help="save a checkpoint every N optimizer steps; 0/none: never")
     checkpoints_total_limit: Optional[int] = option(3, help="keep only the last N checkpoints; none: keep all")
     resume_from_checkpoint: Optional[str] = option(None, help="'latest' or a checkpoint directory to resume from")
+    overwrite_output_dir: bool = option(False, help="start afresh in an output_dir that holds another run's results")
+    allow_config_change_on_resume: bool = option(
+        False, help="resume even if model / data / seed / effective batch / lr differ from the checkpoint's")
     # ---- what the user sees ----------------------------------------------------------------------
     with_tracking: bool = option(False, help="log metrics to the trackers of report_to")
     report_to: str = option("tensorboard", help="trackers for with_tracking", choices=REPORT_TO)
@@ -167,6 +170,7 @@ if __name__ == "__main__":  # --help and usage errors answer before torch, trans
 import torch  # noqa: E402
 from accelerate.utils import DistributedType, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from modeling_mae import MAEConfig, MAEForPreTraining  # noqa: E402
 from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
@@ -175,12 +179,14 @@ from modeling_mae.training.data import (  # noqa: E402
     ImageStream,
     StreamTracker,
     count_examples,
+    detect_local_format,  # noqa: E402
     first_image_cells,
     load_source,
     make_dataloader,
     split_for_process,
     write_demo_dataset,
 )
+from modeling_mae.training.demo_data import ensure_demo_data  # noqa: E402
 from modeling_mae.training.export import (  # noqa: E402
     HubPushError,
     check_hub_access,
@@ -188,7 +194,11 @@ from modeling_mae.training.export import (  # noqa: E402
     push_to_hub,
     write_model_card,
 )
-from modeling_mae.training.model_loading import checkpoint_options, load_pretrained  # noqa: E402
+from modeling_mae.training.model_loading import (  # noqa: E402
+    adapt_num_channels,  # noqa: E402
+    checkpoint_options,
+    load_pretrained,
+)
 from modeling_mae.training.optim import (  # noqa: E402
     create_optimizer,
     create_scheduler,
@@ -197,16 +207,6 @@ from modeling_mae.training.optim import (  # noqa: E402
     scaled_lr,
     steps_for_epochs,
 )
-from modeling_mae.training.runtime import (  # noqa: E402
-    NonFiniteGuard,
-    NonFiniteLossError,
-    SpeedMeter,
-    autocast_dtype,
-    flops_per_image,
-    make_accelerator,
-    peak_flops,
-)
-from modeling_mae.training.model_loading import adapt_num_channels  # noqa: E402
 from modeling_mae.training.pixels import (  # noqa: E402
     ArrayTrainTransform,
     PixelFormat,
@@ -214,8 +214,24 @@ from modeling_mae.training.pixels import (  # noqa: E402
     channel_statistics,
     probe_pixel_format,
 )
-from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainTransform, normalize_on_device  # noqa: E402
-
+from modeling_mae.training.runtime import (  # noqa: E402
+    GracefulStop,  # noqa: E402
+    NonFiniteGuard,
+    NonFiniteLossError,
+    SpeedMeter,
+    autocast_dtype,
+    flops_per_image,
+    make_accelerator,
+    peak_flops,
+    resume_command,  # noqa: E402
+    tracker_hparams,  # noqa: E402
+)
+from modeling_mae.training.transforms import (  # noqa: E402
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    TrainTransform,
+    normalize_on_device,
+)
 
 
 logger = logging.getLogger("pretrain")
@@ -469,19 +485,22 @@ def main(argv=None) -> int:
     sharded = accelerator.distributed_type == DistributedType.FSDP  # a forward is a collective there
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    config_yaml = to_yaml(cfg)
+    # before anything is written: refuse another run's output directory, check a resumed config
+    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
+    resume_path = manager.begin(accelerator, cfg)
+    config_yaml = to_yaml(cfg)  # secrets masked
     if is_main:
         print(f"# resolved config\n{config_yaml}", flush=True)
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml)
 
     if cfg.create_demo_data:
         if cfg.train_dir is None:
             raise ValueError("`create_demo_data` writes into `train_dir`, which is None")
-        if is_main and not any(Path(cfg.train_dir).glob("*.parquet")):
-            paths = write_demo_dataset(cfg.train_dir)
-            logger.info("wrote the demo dataset (%d parquet shards) to %s", len(paths), cfg.train_dir)
+        if is_main and ensure_demo_data(cfg.train_dir, write_demo_dataset):
+            logger.info("wrote the demo dataset to %s", cfg.train_dir)
         accelerator.wait_for_everyone()
+    if cfg.train_dir is not None:
+        detect_local_format(cfg.train_dir)  # a missing, empty or image-less folder fails now, not after the model
 
     # ---- model, data, optimizer ------------------------------------------------------------------
     if cfg.num_threads:
@@ -528,14 +547,12 @@ def main(argv=None) -> int:
 
     # ---- resume ----------------------------------------------------------------------------------
     set_seed(cfg.seed, device_specific=True)  # different masks on every process
-    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
     state = TrainState()
     guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
     tracker = StreamTracker(num_workers=cfg.dataloader_num_workers)
     corrupt_images = 0  # this process's count
     stream_state = None
     sample_log = SampleLog(cfg.output_dir, accelerator.process_index, cfg.log_sample_ids)
-    resume_path = manager.resolve(cfg.resume_from_checkpoint)
     if resume_path is not None:
         trainer_state, process_state = manager.load(accelerator, resume_path)
         state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "samples_seen", "last_loss")})
@@ -547,7 +564,7 @@ def main(argv=None) -> int:
         logger.info("no checkpoint in %s yet: starting from scratch", manager.root)
     sample_log.truncate_after(state.step)
 
-    def save_checkpoint() -> None:
+    def save_checkpoint() -> Path:
         trainer_state = {**dataclasses.asdict(state), "nonfinite": guard.state_dict(), "lr": scheduler.get_last_lr()[0]}
         process_state = {
             "stream": tracker.state_dict(),
@@ -556,10 +573,10 @@ def main(argv=None) -> int:
         }
         path = manager.save(accelerator, state.step, trainer_state, process_state, config_yaml)
         logger.info("saved checkpoint %s", path)
+        return path
 
     if cfg.with_tracking:
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(cfg).items()}
-        accelerator.init_trackers("mae_pretrain", config={**flat, "lr": lr, "effective_batch": eff_batch})
+        accelerator.init_trackers("mae_pretrain", config=tracker_hparams(cfg, lr=lr, effective_batch=eff_batch))
 
     # ---- train -----------------------------------------------------------------------------------
     peak = peak_flops(accelerator.device, cfg.peak_tflops, autocast_dtype(accelerator.mixed_precision))
@@ -571,6 +588,11 @@ def main(argv=None) -> int:
     # step N, so that the tests can resume from what a crash leaves behind
     crash_at = int(os.environ.get("MAE_CRASH_AT_STEP", "-1"))
     exit_code = 0
+    stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
+    last_saved_step = None
+    scope = contextlib.ExitStack()
+    scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
+    scope.enter_context(logging_redirect_tqdm())  # log lines go above the progress bar, not glued onto it
     try:
         while state.step < total_steps:
             stream.set_epoch(state.epoch)
@@ -623,7 +645,10 @@ def main(argv=None) -> int:
                     }
                     if "mfu" in speed:
                         metrics["train/mfu"] = speed["mfu"]
-                    progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{speed['images_per_s']:.0f}", epoch=state.epoch)
+                    progress.set_postfix(
+                        loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                        img_s=f"{speed['images_per_s']:.0f}", epoch=state.epoch,
+                    )
                     if cfg.with_tracking:
                         accelerator.log(metrics, step=state.step)
                     if is_main and not progress.disable and not sys.stderr.isatty():
@@ -634,11 +659,16 @@ def main(argv=None) -> int:
                         logger.warning("step %d: not checkpointing during a streak of non-finite steps", state.step)
                     else:
                         save_checkpoint()
+                        last_saved_step = state.step
                 if cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0 and (is_main or sharded):
                     png = Path(cfg.output_dir) / "reconstructions" / f"step_{state.step}.png"
                     write_reconstruction(model, preview, png, cfg.seed, stats[:2], save=is_main)
                 if state.step == crash_at:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook (see the module docstring)
+                if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
+                    path = manager.latest() if last_saved_step == state.step else save_checkpoint()
+                    progress.close()
+                    stop.exit(state.step, path)
             if exhausted:
                 if steps_this_epoch == 0 and not resumed_mid_epoch:
                     raise ValueError(
@@ -651,6 +681,8 @@ def main(argv=None) -> int:
         progress.close()
         accelerator.end_training()
         return 2
+    finally:
+        scope.close()
     progress.close()
 
     # ---- final checkpoint, export, model card, Hub -----------------------------------------------

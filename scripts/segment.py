@@ -26,17 +26,19 @@ The paper's numbers (ADE20K, 160k iterations, batch 16): 48.1 mIoU with ViT-B, 5
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
-import time
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.choices import MIXED_PRECISION, MODEL_PRESETS, REPORT_TO
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_MODES = ("slide", "whole")
@@ -123,6 +125,9 @@ class SegmentConfig:
     checkpointing_steps: Optional[int] = option(16000, help="save a checkpoint every N optimizer steps")
     checkpoints_total_limit: Optional[int] = option(2, help="keep only the last N checkpoints; none: keep all")
     resume_from_checkpoint: Optional[str] = option(None, help="'latest' or a checkpoint directory to resume from")
+    overwrite_output_dir: bool = option(False, help="start afresh in an output_dir that holds another run's results")
+    allow_config_change_on_resume: bool = option(
+        False, help="resume even if model / data / seed / effective batch / lr differ from the checkpoint's")
     with_tracking: bool = option(False, help="log metrics to the trackers of report_to")
     report_to: str = option("tensorboard", help="trackers for with_tracking", choices=REPORT_TO)
     logging_steps: int = option(50, help="log loss and lr every N optimizer steps")
@@ -168,9 +173,10 @@ from torch import nn  # noqa: E402
 
 from modeling_mae import MAEBackbone, MAEConfig, MAEModel, MAEUperNetConfig, MAEUperNetForSemanticSegmentation  # noqa: E402
 from modeling_mae.conversion.convert import interpolate_positions  # noqa: E402
+from modeling_mae.file_modes import give_weights_usual_mode  # noqa: E402
 from modeling_mae.modeling_mae import is_transfer_only, log_new_transfer_parameters  # noqa: E402
 from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
-from modeling_mae.training.config import to_dict, to_yaml  # noqa: E402
+from modeling_mae.training.config import to_yaml  # noqa: E402
 from modeling_mae.training.export import HubPushError, check_hub_access, push_to_hub  # noqa: E402
 from modeling_mae.training.model_loading import (  # noqa: E402
     checkpoint_format,
@@ -180,7 +186,12 @@ from modeling_mae.training.model_loading import (  # noqa: E402
     read_config_json,
 )
 from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups  # noqa: E402
-from modeling_mae.training.runtime import make_accelerator  # noqa: E402
+from modeling_mae.training.runtime import (
+    GracefulStop,  # noqa: E402
+    make_accelerator,  # noqa: E402
+    resume_command,  # noqa: E402
+    tracker_hparams,  # noqa: E402
+)
 from modeling_mae.training.segmentation_data import (  # noqa: E402
     IGNORE_INDEX,
     SegEvalTransform,
@@ -194,7 +205,6 @@ from modeling_mae.training.segmentation_data import (  # noqa: E402
     whole_inference,
 )
 from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize_on_device  # noqa: E402
-
 
 
 logger = logging.getLogger("segment")
@@ -405,6 +415,7 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
     if cfg.sync_batchnorm and accelerator.num_processes > 1:
         unwrapped = revert_sync_batchnorm(unwrapped)
     unwrapped.save_pretrained(out)
+    give_weights_usual_mode(out)  # safetensors writes 0600; every other file is 0644 (umask)
     image_processor(cfg).save_pretrained(out)
     data = ModelCardData(
         license="apache-2.0", library_name="transformers", pipeline_tag="image-segmentation",
@@ -463,6 +474,9 @@ def main(argv=None) -> dict:
     # Map-style training data: every process must take the same number of steps (DDP), so the last
     # round is padded as accelerate does by default. Evaluation shards its images by hand (no padding).
     accelerator.even_batches = True
+    # before anything is written: refuse another run's output directory, check a resumed config
+    checkpoints = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
+    resume = checkpoints.begin(accelerator, cfg)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         logger.info("config:\n%s", to_yaml(cfg))
@@ -521,15 +535,13 @@ def main(argv=None) -> dict:
     mean_iou = load_mean_iou(cfg.mean_iou_path)
 
     # ---- resume ----------------------------------------------------------------------------------
-    checkpoints = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
     state = {"step": 0, "best_miou": None, "best_step": None, "best": {}, "history": []}
-    resume = checkpoints.resolve(cfg.resume_from_checkpoint)
     if resume is not None:
         trainer_state, _ = checkpoints.load(accelerator, resume)
         state.update(trainer_state)
         logger.info("resumed from %s at step %d", resume, state["step"])
     if cfg.with_tracking:
-        accelerator.init_trackers("segment", config={k: str(v) for k, v in to_dict(cfg).items()})
+        accelerator.init_trackers("segment", config=tracker_hparams(cfg))
 
     effective_batch = cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     logger.info(
@@ -559,6 +571,9 @@ def main(argv=None) -> dict:
     model.train()
     running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
     skipped_local = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # since the last log line
+    stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
+    scope = contextlib.ExitStack()
+    scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
     while state["step"] < cfg.max_train_steps:
         epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
         sampler_generator.manual_seed(cfg.seed * 100_003 + epoch)  # the same permutation on every process, every run
@@ -601,10 +616,17 @@ def main(argv=None) -> dict:
                 running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
             if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_train_steps:
                 run_evaluation()
-            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            saved = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
+            if saved:
                 checkpoints.save(accelerator, step, trainer_state=dict(state), config_yaml=to_yaml(cfg))
+            if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
+                path = checkpoints.latest() if saved else checkpoints.save(
+                    accelerator, step, trainer_state=dict(state), config_yaml=to_yaml(cfg))
+                stop.exit(step, path)
             if step >= cfg.max_train_steps or state["step"] % steps_per_epoch == 0:
                 break  # the epoch ends after steps_per_epoch optimizer steps (a partial accumulation is dropped)
+
+    scope.close()
 
     # ---- results ---------------------------------------------------------------------------------
     summary = {"step": state["step"], "best_step": state["best_step"], "best": state["best"],

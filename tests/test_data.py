@@ -62,7 +62,7 @@ def test_local_formats_are_detected_and_read_as_uint8(tmp_path, layout):
 
 def test_train_dir_without_data_is_rejected(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
-    with pytest.raises(ValueError, match="no parquet files, no webdataset .tar shards and no images"):
+    with pytest.raises(ValueError, match="no parquet files, no webdataset .tar shards and no readable images"):
         detect_local_format(tmp_path)
 
 

@@ -435,8 +435,8 @@ def test_linear_probe_cache_is_rebuilt_when_images_move_between_classes(odd_fold
     for p in sorted((data / "train" / "coffee").glob("*.jpg"))[:6]:
         p.rename(data / "train" / "cat" / f"moved_{p.name}")
     caplog.clear()
-    with caplog.at_level(logging.INFO):
-        assert linprobe.main(argv) == 0
+    with caplog.at_level(logging.INFO):  # the finished run's directory is replaced only when asked (issue 10)
+        assert linprobe.main(argv + ["--overwrite_output_dir"]) == 0
     assert "was made from other data: rebuilding it" in caplog.text
     cached = torch.load(out / "feature_cache" / "rank0.pt", weights_only=True)["labels"]
     # 20 readable cats; the two unreadable ones now stand in for coffee/006.jpg: 8 + 2 coffees

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..file_modes import give_usual_mode
+
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -104,6 +106,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
         from safetensors.torch import save_file
 
         save_file(state_dict, str(path))
+        give_usual_mode([path])  # safetensors writes 0600
     else:
         torch.save(state_dict, path)
     return path

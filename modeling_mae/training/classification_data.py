@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .runtime import worker_ignores_interrupts
+
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +226,12 @@ def resolve_split_sources(dataset_name, train_dir, validation_dir, train_split, 
         return (dataset_name, train_split), (validation_dir or dataset_name, validation_split)
     if not validation_dir:
         raise ValueError("`validation_dir` is required with `train_dir` (evaluation runs every epoch)")
+    from .data import detect_local_format
+
+    for field_name, directory in (("train_dir", train_dir), ("validation_dir", validation_dir)):
+        root = Path(directory).expanduser()
+        if not ((root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()):  # save_to_disk
+            detect_local_format(root, field=field_name)  # missing / empty / no readable image: one line, now
     return (train_dir, train_split), (validation_dir, validation_split)
 
 
@@ -411,12 +419,13 @@ def build_classification_loaders(cfg, accelerator, splits: ClassificationSplits,
         # its own generator: the DataLoader's per-iterator seed draw must not shift the global RNG
         # (random erasing, drop path), or a resumed epoch would differ from the uninterrupted one
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=worker_ignores_interrupts,  # Ctrl-C / SIGTERM: the training process stops cleanly
     )
     eval_loader = torch.utils.data.DataLoader(
         MapImageDataset(splits.validation, eval_transform, splits.image_column, splits.label_column,
                         label_lookup=splits.validation_lookup),
         batch_size=cfg.per_device_eval_batch_size, shuffle=False, num_workers=workers,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=accelerator.device.type == "cuda", worker_init_fn=worker_ignores_interrupts,
     )
     accelerator.dataloader_config.use_seedable_sampler = True
     accelerator.even_batches = True

@@ -2,7 +2,8 @@
 
 The implementation lives in `modeling_mae_cli.config` (standard library and PyYAML only), so that the
 scripts can parse their command line before torch is imported; it is re-exported here for code that
-already runs with torch loaded.
+already runs with torch loaded. `to_yaml(cfg)` / `to_dict(cfg)` serialise a config with its secrets
+masked (`modeling_mae_cli.secrets`).
 """
 
 from modeling_mae_cli.config import (  # noqa: F401

@@ -52,6 +52,7 @@ from PIL import Image
 
 from modeling_mae_cli import ExpectedError
 
+from .runtime import worker_ignores_interrupts
 from .transforms import apply_exif_orientation, to_rgb
 
 
@@ -74,13 +75,40 @@ class CorruptImageError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------------
-def detect_local_format(train_dir: str | os.PathLike) -> tuple[str, dict]:
+LOCAL_LAYOUTS = (
+    "*.parquet shards (the Hub layout), webdataset *.tar shards, image files "
+    f"({', '.join(IMAGE_EXTENSIONS)}; flat or in class sub-folders) or .npy arrays, in any sub-folder"
+)
+
+
+def _readable_image(paths: list[Path], tries: int = 16) -> bool:
+    """Whether one of the first `tries` image files decodes (with the data path's own decoder, so 16-bit
+    and multi-band TIFFs count as readable)."""
+    from .pixels import decode_array
+
+    for path in paths[:tries]:
+        try:
+            decode_array(str(path))
+            return True
+        except Exception:
+            continue
+    return False
+
+
+def detect_local_format(train_dir: str | os.PathLike, field: str = "train_dir") -> tuple[str, dict]:
     """Which `datasets` builder reads `train_dir`: ("parquet" | "webdataset", {"train": [files]}) or
-    ("imagefolder", {"data_dir": dir}). Files are listed recursively and sorted."""
+    ("imagefolder", {"data_dir": dir}). Files are listed recursively and sorted; hidden ones are ignored.
+
+    A folder that does not exist, is empty, or holds no readable image in any supported layout raises a
+    one-line ValueError naming the path and the layouts looked for (`field` names the config field)."""
     root = Path(train_dir).expanduser()
+    if not root.exists():
+        raise ValueError(f"`{field}` {str(root)!r} does not exist (expected a folder of {LOCAL_LAYOUTS})")
     if not root.is_dir():
-        raise ValueError(f"`train_dir` must be an existing directory, got {str(root)!r}")
+        raise ValueError(f"`{field}` {str(root)!r} is a file, not a folder (expected a folder of {LOCAL_LAYOUTS})")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"`{field}` {str(root)!r} is empty (expected {LOCAL_LAYOUTS})")
     parquet = [str(p) for p in files if p.suffix == ".parquet"]
     tars = [str(p) for p in files if p.suffix == ".tar"]
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
@@ -91,11 +119,12 @@ def detect_local_format(train_dir: str | os.PathLike) -> tuple[str, dict]:
         return "webdataset", {"data_files": tars}
     if arrays and not images:
         return "arrayfolder", {"data_files": arrays, "data_dir": str(root)}
-    if images:
+    if images and _readable_image(images):
         return "imagefolder", {"data_dir": str(root)}
+    found = f"{len(images)} image file(s), none readable" if images else f"{len(files)} file(s), none of them data"
     raise ValueError(
-        f"`train_dir` {str(root)!r} holds no parquet files, no webdataset .tar shards and no images "
-        f"({', '.join(IMAGE_EXTENSIONS)})"
+        f"`{field}` {str(root)!r} holds no parquet files, no webdataset .tar shards and no readable images "
+        f"({found}); looked for {LOCAL_LAYOUTS}"
     )
 
 
@@ -601,6 +630,7 @@ def make_dataloader(stream: ImageStream, num_workers: int = 0, pin_memory: bool 
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,  # a fresh iterator per epoch picks up set_epoch / resume
         generator=torch.Generator().manual_seed(stream.seed),
+        worker_init_fn=worker_ignores_interrupts,  # Ctrl-C / SIGTERM: the training process stops cleanly
     )
 
 

@@ -25,6 +25,8 @@ import torch
 
 from modeling_mae_cli import ExpectedError
 
+from ..file_modes import give_weights_usual_mode
+
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
 CHECKPOINT_PATTERNS = ["checkpoints/*", "checkpoints/**"]
@@ -79,6 +81,7 @@ def export_model(
         output_dir.mkdir(parents=True, exist_ok=True)
         model = unsharded_model(model, state_dict)
         model.save_pretrained(output_dir, image_processor=image_processor, state_dict=state_dict, is_main_process=True)
+        give_weights_usual_mode(output_dir)  # safetensors writes 0600; every other file is 0644 (umask)
     return output_dir
 
 

@@ -12,6 +12,10 @@
 - `peak_flops(device, override_tflops, dtype)`: dense peak per device: the configured value, the bf16
   table of known accelerators, else measured once (`measure_matmul_flops`: a 2048^3 GEMM in the run's dtype).
 - `NonFiniteGuard`: counts skipped NaN/inf steps and stops the run after N in a row.
+- `GracefulStop`: SIGTERM (preemption) / SIGINT (Ctrl-C) -> the loop finishes its optimizer step, every
+  process writes the checkpoint, one line gives the resume command, exit code 128 + signal; a second
+  Ctrl-C exits at once. `worker_ignores_interrupts` keeps DataLoader workers out of it.
+- `tracker_hparams(cfg)`: the config for trackers, secrets masked.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ import importlib.util
 import logging
 import math
 import os
+import shlex
+import signal
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -296,6 +304,118 @@ def format_eta(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def tracker_hparams(cfg, **extra) -> dict:
+    """The run config as flat tracker hyperparameters (TensorBoard hparams, W&B config), secrets masked."""
+    from .config import to_dict
+
+    values = {**to_dict(cfg), **extra}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Interrupts and preemption
+# --------------------------------------------------------------------------------------------------
+def worker_ignores_interrupts(worker_id: int | None = None) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C reaches the whole process group and clusters signal every
+    process; the workers leave the decision to the training process (which stops them when it exits)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def resume_command(script: str, argv: list[str] | None, num_processes: int) -> str:
+    """The command line that continues this run: the same script and flags, `--resume_from_checkpoint
+    latest` instead of any resume / overwrite flag, under `accelerate launch` when several processes ran."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip_value = [], False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+            if not arg.startswith("--"):
+                continue
+        name = arg.split("=", 1)[0]
+        if name in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+            skip_value = "=" not in arg
+            continue
+        kept.append(arg)
+    path = Path(script).resolve()
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    launcher = ["accelerate", "launch", "--num_processes", str(num_processes)] if num_processes > 1 else ["python"]
+    return shlex.join([*launcher, str(path), *kept, "--resume_from_checkpoint", "latest"])
+
+
+class GracefulStop:
+    """Turns SIGTERM and SIGINT into a request to stop after the current optimizer step.
+
+        with GracefulStop(accelerator, resume_command(__file__, argv, n)) as stop:
+            for ...:
+                ...optimizer step...
+                if stop.requested():            # a collective: call it on every process, every step
+                    save_checkpoint()
+                    stop.exit(step)             # one line with the resume command; SystemExit(128 + signal)
+
+    Every process must take the same decision at the same step (the checkpoint is a collective), so
+    `requested()` combines the flags of all processes (max over a gather). A second SIGINT while stopping
+    exits at once (`os._exit`), without saving; a repeated SIGTERM is ignored (schedulers resend it).
+    The handlers are installed only while the context is open, and only in the main thread."""
+
+    def __init__(self, accelerator, resume_command: str):
+        self.accelerator = accelerator
+        self.command = resume_command
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                os.write(2, f"\nsecond {name}: exiting now, without a checkpoint\n".encode())
+                os._exit(128 + signum)
+            return
+        self.signum = signum
+        if self.accelerator.is_main_process:
+            os.write(2, f"\n{name} received: finishing the current step, then saving a checkpoint "
+                        f"(Ctrl-C again to exit at once)\n".encode())
+
+    def requested(self) -> bool:
+        """Whether any process received a signal (the same answer on every process)."""
+        import torch
+
+        if self.accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=self.accelerator.device)
+        received = int(self.accelerator.gather(flag).max().item())
+        if received and self.signum is None:
+            self.signum = received
+        return received != 0
+
+    def exit(self, step: int, checkpoint: str | os.PathLike | None = None) -> None:
+        """After the checkpoint is written: one line, trackers closed, exit 128 + signal number."""
+        signum = self.signum or signal.SIGTERM
+        if self.accelerator.is_main_process:
+            where = f" (saved {checkpoint})" if checkpoint else ""
+            print(f"stopped by {signal.Signals(signum).name} after step {step}{where}; resume with: {self.command}",
+                  file=sys.stderr, flush=True)
+        self.accelerator.end_training()
+        raise SystemExit(128 + signum)
 
 
 def quiet_library_loggers(level: int = logging.WARNING) -> None:

@@ -394,7 +394,8 @@ if __name__ == "__main__":
     parser.add_argument("--num_classes", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    root = write_synthetic_ade_folder(
-        args.output_dir, args.num_train, args.num_val, args.size, args.num_classes, args.seed
-    )
-    print(root)
+    from .demo_data import ensure_demo_data
+
+    written = ensure_demo_data(args.output_dir, lambda folder: write_synthetic_ade_folder(
+        folder, args.num_train, args.num_val, args.size, args.num_classes, args.seed), field="output_dir")
+    print(f"{'wrote' if written else 'already there:'} {args.output_dir}")
