@@ -482,3 +482,13 @@ def test_extract_features_names_labels_ids_and_takes_any_split_name(odd_folder, 
     names = table.features["label"].names
     assert all(Path(i).parent.name == names[label] for i, label in zip(table["id"], table["label"]))
     assert "2 unreadable image(s) skipped" in table.info.description
+
+
+def test_linear_probe_transform_key_is_the_same_in_every_run():
+    """The feature cache is keyed by the transform's description: it must not hold an object address,
+    or a rerun of the same command never finds its cache (found by the merged suite)."""
+    from modeling_mae.training.augmentation import LinprobeTrainTransform
+
+    first, second = repr(LinprobeTrainTransform(32).ops), repr(LinprobeTrainTransform(32).ops)
+    assert first == second and " at 0x" not in first
+    assert "OfficialRandomResizedCrop(size=[32, 32], scale=(0.08, 1.0)" in first

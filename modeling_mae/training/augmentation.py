@@ -108,6 +108,11 @@ class OfficialRandomResizedCrop:
         top, left, h, w = official_crop_params(height, width, self.scale, self.ratio)
         return v2.functional.resized_crop(image, top, left, h, w, self.size, self.interpolation, antialias=True)
 
+    def __repr__(self) -> str:
+        # stable across processes and runs (no object address): the feature cache is keyed by it
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+                f"interpolation={self.interpolation.value})")
+
 
 class LinprobeTrainTransform:
     """The official linear-probe augmentation: RandomResizedCrop(size, scale 0.08-1, bicubic) with the
