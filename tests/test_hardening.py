@@ -125,12 +125,15 @@ def test_a_resumed_run_takes_the_token_from_the_flag_or_the_environment(pretrain
     out = tmp_path / "out"
     pushed = []
     monkeypatch.setattr(pretrain, "push_to_hub", lambda *args: pushed.append(args[-1]) or "https://hub/x")
+    checked = []  # the Hub access check before training (stops at huggingface_hub) gets the real token too
+    monkeypatch.setattr(pretrain, "check_hub_access", lambda repo, token=None, private=None: checked.append(token) or "me")
     hub = ["--push_to_hub", "true", "--hub_model_id", "someone/x"]
     assert pretrain.main(tiny_args(data, out, max_train_steps=2, checkpointing_steps=1) + hub + ["--hub_token", TOKEN]) == 0
     resume = tiny_args(data, out, max_train_steps=2, checkpointing_steps=1, resume_from_checkpoint="latest") + hub
     assert pretrain.main(resume + ["--hub_token", TOKEN]) == 0
     assert pretrain.main(resume) == 0  # no flag: huggingface_hub reads HF_TOKEN itself (token=None)
     assert pushed == [TOKEN, TOKEN, None]
+    assert checked == [TOKEN, TOKEN, None]
     assert files_containing(out, TOKEN) == []
 
 
