@@ -59,7 +59,7 @@ class LinprobeConfig:
         None, help="the label map (id i = label_names[i]); default: the training split's classes")
     num_labels: int | None = option(None, help="classes; default: from the ClassLabel feature, else max label + 1")
     create_demo_data: bool = option(
-        False, help="write the synthetic 4-class image folders into train_dir / validation_dir")
+        False, help="no data named: train on synthetic 4-class folders written once into outputs/demo_cls")
     max_train_samples: int | None = option(None, help="use only the first N training examples")
     max_eval_samples: int | None = option(None, help="use only the first N validation examples")
     dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
@@ -140,7 +140,7 @@ from modeling_mae.training.classification_data import (  # noqa: E402
 )
 from modeling_mae.training.classifier_export import finish_classifier_run  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
-from modeling_mae.training.demo_data import ensure_demo_data  # noqa: E402
+from modeling_mae.training.demo_data import demo_data_dirs, ensure_demo_data  # noqa: E402
 from modeling_mae.training.evaluation import (  # noqa: E402
     EpochLoss,
     evaluate_classifier,
@@ -164,6 +164,9 @@ from modeling_mae.training.transforms import EvalTransform, normalize_on_device 
 
 logger = logging.getLogger(__name__)
 
+# create_demo_data: the synthetic 4-class folders, written here once
+DEMO_DATA_DIRS = {"train_dir": "outputs/demo_cls/train", "validation_dir": "outputs/demo_cls/validation"}
+
 
 def freeze_encoder(model) -> None:
     """No gradients for the encoder, and eval mode (call again after every `model.train()`)."""
@@ -173,6 +176,8 @@ def freeze_encoder(model) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_config(LinprobeConfig, argv, description=__doc__)
+    # the demo's own folders, only when the run names no data of its own (never the user's folders)
+    cfg, demo_dirs = demo_data_dirs(cfg, DEMO_DATA_DIRS)
     cfg.check_required()
     if cfg.push_to_hub:  # the login and the repository now, not after training
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
@@ -188,11 +193,10 @@ def main(argv=None) -> int:
     if accelerator.is_main_process:
         print(f"# resolved config\n{to_yaml(cfg)}", flush=True)
     set_seed(cfg.seed)
-    if cfg.create_demo_data and accelerator.is_main_process:
+    if demo_dirs and accelerator.is_main_process:
         for field_name, count, seed in (("train_dir", 96, 0), ("validation_dir", 32, 1)):
-            if getattr(cfg, field_name):
-                ensure_demo_data(getattr(cfg, field_name), functools.partial(
-                    make_synthetic_classification, num_per_class=count, seed=seed), field=field_name)
+            ensure_demo_data(getattr(cfg, field_name), functools.partial(
+                make_synthetic_classification, num_per_class=count, seed=seed), field=field_name)
     accelerator.wait_for_everyone()
 
     # ---- data and model: frozen encoder (CLS features) + BatchNorm + Linear ------------------------

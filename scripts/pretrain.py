@@ -52,7 +52,7 @@ class PretrainConfig:
     num_train_examples: Optional[int] = option(None, help="epoch length when the dataset does not tell")
     shuffle_buffer_size: int = option(2000, help="examples per shuffle window of the stream")
     dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
-    create_demo_data: bool = option(False, help="write scikit-image crops into train_dir if it is new or empty (marked as demo data)")
+    create_demo_data: bool = option(False, help="no data named: train on scikit-image crops written once into outputs/demo_data")
     # ---- pixels: channels, bit depth and statistics from the data (pixels.py) --------------------------
     num_channels: Optional[int] = option(None, help="image channels; default: what the data has (its first images)")
     pixel_range: Optional[list[float]] = option(
@@ -123,7 +123,7 @@ class PretrainConfig:
     hub_token: Optional[str] = option(None, help="Hub token; default: HF_TOKEN or the `hf auth login` one")
 
     def __post_init__(self):
-        if self.train_dir is None and self.dataset_name is None:
+        if self.train_dir is None and self.dataset_name is None and not self.create_demo_data:
             raise ValueError("set `dataset_name` (a Hub dataset) or `train_dir` (a local folder); both are None")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
@@ -186,7 +186,7 @@ from modeling_mae.training.data import (  # noqa: E402
     split_for_process,
     write_demo_dataset,
 )
-from modeling_mae.training.demo_data import ensure_demo_data  # noqa: E402
+from modeling_mae.training.demo_data import demo_data_dirs, ensure_demo_data  # noqa: E402
 from modeling_mae.training.export import (  # noqa: E402
     HubPushError,
     check_hub_access,
@@ -235,6 +235,8 @@ from modeling_mae.training.transforms import (  # noqa: E402
 
 
 logger = logging.getLogger("pretrain")
+
+DEMO_DATA_DIR = "outputs/demo_data"  # create_demo_data: scikit-image crops, written here once
 
 
 @dataclass
@@ -477,6 +479,8 @@ class SampleLog:
 # --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     cfg = parse_config(PretrainConfig, argv, description=__doc__)
+    # the demo's own folder, only when the run names no data of its own (never the user's folder)
+    cfg, demo_dirs = demo_data_dirs(cfg, {"train_dir": DEMO_DATA_DIR})
     if cfg.push_to_hub:  # the login and the repository now, not after training
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -493,9 +497,7 @@ def main(argv=None) -> int:
         print(f"# resolved config\n{config_yaml}", flush=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml)
 
-    if cfg.create_demo_data:
-        if cfg.train_dir is None:
-            raise ValueError("`create_demo_data` writes into `train_dir`, which is None")
+    if demo_dirs:
         if is_main and ensure_demo_data(cfg.train_dir, write_demo_dataset):
             logger.info("wrote the demo dataset to %s", cfg.train_dir)
         accelerator.wait_for_everyone()

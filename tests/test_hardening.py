@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shlex
 import signal
@@ -164,9 +165,10 @@ def test_demo_data_is_never_written_into_a_users_folder(pretrain, tmp_path, capl
         Image.new("RGB", (40, 40), (60 * index, 10, 10)).save(photos / f"holiday_{index}.jpg")
     before = sorted(p.name for p in photos.iterdir())
     argv = tiny_args(photos, tmp_path / "out", max_train_steps=1, checkpointing_steps=0) + ["--create_demo_data", "true"]
-    assert pretrain.main(argv) == 0
+    with caplog.at_level(logging.INFO):
+        assert pretrain.main(argv) == 0
     assert sorted(p.name for p in photos.iterdir()) == before  # no parquet shards, no marker
-    assert "holds files not written by the demo" in caplog.text
+    assert "no demo data is written" in caplog.text
     # fine-tune / linear-probe demo folders: the same rule
     assert ensure_demo_data(photos, make_synthetic_classification) is False
     assert sorted(p.name for p in photos.iterdir()) == before
@@ -514,3 +516,31 @@ def test_progress_bar_shows_the_learning_rate_and_logs_go_through_tqdm(pretrain,
     assert redirected == [True]
     # lr 1e-3, 1 warm-up step, 2 steps: the peak after step 1, the cosine's end (min_lr 0) after step 2
     assert [p["lr"] for p in postfixes] == ["1.00e-03", "0.00e+00"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_the_demo_recipe_with_a_users_train_dir_writes_no_demo_data(pretrain, tmp_path, case):
+    """`--config demo.yaml --train_dir DIR` (create_demo_data on) with DIR missing or empty: DIR is the
+    user's, so no demo data goes into it and the run stops at once, naming it (found by a new-user trial)."""
+    folder = tmp_path / "mine"
+    if case == "empty":
+        folder.mkdir()
+    argv = ["--config", str(REPO / "configs/pretrain/demo.yaml"), "--train_dir", str(folder),
+            "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"]
+    with pytest.raises(ValueError, match=str(folder)):
+        pretrain.main(argv)
+    assert folder.exists() == (case == "empty")
+    assert not folder.exists() or not any(folder.iterdir())  # nothing written into the user's folder
+
+
+def test_the_demo_recipe_without_data_uses_the_demos_own_folder(tmp_path, monkeypatch):
+    from modeling_mae.training.demo_data import demo_data_dirs
+    from pretrain_helpers import import_pretrain
+
+    module = import_pretrain()
+    cfg = module.parse_config(module.PretrainConfig, ["--config", str(REPO / "configs/pretrain/demo.yaml")])
+    resolved, dirs = demo_data_dirs(cfg, {"train_dir": module.DEMO_DATA_DIR})
+    assert resolved.train_dir == "outputs/demo_data" and dirs == {"train_dir": "outputs/demo_data"}
+    mine = module.parse_config(module.PretrainConfig, ["--config", str(REPO / "configs/pretrain/demo.yaml"),
+                                                       "--train_dir", str(tmp_path)])
+    assert demo_data_dirs(mine, {"train_dir": module.DEMO_DATA_DIR}) == (mine, {})

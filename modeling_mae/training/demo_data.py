@@ -1,15 +1,17 @@
 """Demo data goes only into a folder the project made for it.
 
-`create_demo_data: true` (the demo configs) writes generated images into `train_dir`. A user who points
-`--train_dir` at their own photographs must never get our crops mixed into them, so the demo data is
-written only into a folder that does not exist yet or is empty, under a temporary name, with a marker
-file, and renamed into place when complete. A later run finds the marker and reuses the data. A folder
-holding anything else is left untouched (with a warning): the run reads it as the user's own data, and
-`data.detect_local_format` stops it at once if there is no readable image in it.
+`create_demo_data: true` (the demo configs) trains on generated images in the demo's own folders
+(`demo_data_dirs`: `outputs/demo_data`, `outputs/demo_cls/...`), and only when the run names no data
+of its own. A folder the user names (`--train_dir`, `--validation_dir`, `--dataset_name`) is their
+data: nothing is written into it, and `data.detect_local_format` stops the run at once when it is
+missing, empty or holds no readable image. The demo folder itself is written under a temporary name
+with a marker file and renamed into place when complete; a later run finds the marker and reuses it,
+and a folder holding anything else is never written into (warning).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -20,6 +22,22 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 DEMO_MARKER = ".modeling_mae_demo_data"
+
+
+def demo_data_dirs(cfg, defaults: dict[str, str]):
+    """`cfg` with the demo's own data folders filled in, and those folders ({field: path}) to write.
+
+    Only with `cfg.create_demo_data` and only when the run names no data itself: a `train_dir`,
+    `validation_dir` or `dataset_name` the user gives is their data and gets no demo data (logged).
+    Returns (cfg, {}) otherwise; `cfg` is a new frozen config, never mutated."""
+    if not getattr(cfg, "create_demo_data", False):
+        return cfg, {}
+    named = [f for f in (*defaults, "dataset_name") if getattr(cfg, f, None)]
+    if named:
+        logger.info("create_demo_data: the run names its own data (%s): no demo data is written, that data is read",
+                    ", ".join(f"{f}={getattr(cfg, f)!r}" for f in named))
+        return cfg, {}
+    return dataclasses.replace(cfg, **defaults), dict(defaults)
 
 
 def is_demo_folder(directory: str | os.PathLike) -> bool:
