@@ -148,8 +148,10 @@ def load_pretrained(
         else:
             model = _from_foreign(model_cls, fmt, model_name_or_path, hub_config, image_size, revision, token,
                                   {**config_overrides, **heads})
-    for warning in caught:  # the converter's loud messages also reach the log file
-        logger.warning("%s", warning.message)
+    for warning in caught:  # the converter's loud messages also reach the log file (blank ones do not)
+        text = str(warning.message).strip()
+        if text:
+            logger.warning("%s", text)
     return model
 
 
