@@ -479,7 +479,7 @@ def test_configs_name_files_that_exist_and_classes_the_generator_makes():
     assert "square" not in finetune_demo and "horizontal or vertical" in finetune_demo
     readme = (REPO / "README.md").read_text()
     assert "--output_dir docs" not in readme
-    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in readme
 
 
 def test_weights_get_the_same_mode_as_the_other_files(pretrain, tmp_path):
