@@ -63,12 +63,13 @@ def tiny_args(train_dir: Path, output_dir: Path, **overrides) -> list[str]:
     return argv
 
 
-def run_pretrain(argv: list[str], env: dict | None = None, launcher: list[str] | None = None, timeout: int = 300):
-    """Run scripts/pretrain.py in a subprocess (plain python, or under `launcher`)."""
+def run_pretrain(argv: list[str], env: dict | None = None, launcher: list[str] | None = None, timeout: int = 300,
+                 cwd=None):
+    """Run scripts/pretrain.py in a subprocess (plain python, or under `launcher`), in `cwd` (the repository)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     full_env.update(env or {})
     cmd = (launcher or [sys.executable]) + [str(PRETRAIN)] + argv
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=str(cwd or REPO))
 
 
 def import_pretrain():

@@ -328,14 +328,15 @@ def test_trackers_log_loss_lr_speed_and_data_wait(pretrain, tmp_path):
 
 @pytest.mark.slow
 def test_demo_config_writes_model_card_and_picture(tmp_path):
-    """The README's main-job command, shortened to 2 epochs."""
+    """The README's main-job command, shortened to 2 epochs, run from another folder: the demo writes its
+    own data folder (outputs/demo_data, marked) there."""
     out = tmp_path / "out"
     result = run_pretrain(
-        ["--config", str(REPO / "configs" / "pretrain" / "demo.yaml"), "--train_dir", str(tmp_path / "data"),
-         "--output_dir", str(out), "--num_train_epochs", "2"],
-        timeout=900,
+        ["--config", str(REPO / "configs" / "pretrain" / "demo.yaml"), "--output_dir", str(out), "--num_train_epochs", "2"],
+        timeout=900, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "outputs" / "demo_data" / ".modeling_mae_demo_data").is_file()
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "reconstruction.png"):
         assert (out / name).is_file(), name
     losses = [float(line.split('"train/loss": ')[1].split(",")[0]) for line in result.stderr.splitlines()
