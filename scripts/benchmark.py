@@ -17,7 +17,9 @@ Parts (train, inference and attention once per `--dtype`, by default float32 and
   attention  the attention core alone, explicit matmuls vs torch's SDPA, at the model's shapes: the
              measurements behind the model's default attention (`modeling_mae.prefer_eager_attention`).
 
-The machine line says whether the CPU has AMX / AVX512-BF16 (bf16 matmuls are fast only with AMX).
+The machine line says whether the CPU has AMX / AVX512-BF16 (bf16 instructions), and on CPU how the
+allocator runs: by default as the training scripts set it (glibc malloc keeps freed memory,
+`runtime.reuse_freed_cpu_memory`), for both sides; `--cpu_allocator system` keeps glibc's defaults.
 
     python scripts/benchmark.py --json /tmp/bench.json              # full, fp32 + bf16 (~15-20 min on 2 CPU cores)
     python scripts/benchmark.py --quick                             # every part at tiny sizes, seconds
@@ -59,6 +61,9 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for the pipeline part")
     parser.add_argument("--data_dir", default="/tmp/mae_benchmark", help="where the JPEG shards are generated")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--cpu_allocator", choices=("reuse", "system"), default="reuse",
+                        help="reuse: glibc malloc keeps freed memory, as the training scripts set it on CPU "
+                        "(runtime.reuse_freed_cpu_memory), for both sides; system: glibc's defaults")
     # internal: one side's peak memory, measured in a child process of this script
     parser.add_argument("--memory-probe", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -83,7 +88,7 @@ from modeling_mae import MAEConfig, MAEForPreTraining  # noqa: E402
 from modeling_mae.conversion.architecture import transformers_config_from_mae  # noqa: E402
 from modeling_mae.conversion.convert import convert_transformers_to_mae  # noqa: E402
 from modeling_mae.masking import random_masking  # noqa: E402
-from modeling_mae.training.runtime import cpu_flags  # noqa: E402
+from modeling_mae.training.runtime import cpu_flags, reuse_freed_cpu_memory  # noqa: E402
 from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainTransform  # noqa: E402
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -427,7 +432,8 @@ def peak_memory_of_side(side: str, args, device, dtype) -> float:
         peak = torch.cuda.max_memory_allocated(device) - base
         del model, step
         return float(peak)
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", side, "--dtype", dtype_name(dtype)]
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", side, "--dtype", dtype_name(dtype),
+               "--cpu_allocator", args.cpu_allocator]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.quick:
@@ -753,12 +759,19 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
+        if args.cpu_allocator == "reuse":
+            reuse_freed_cpu_memory()
         return memory_probe(args.memory_probe, args)
     device = torch.device(args.device)
+    allocator = "glibc defaults"
+    if device.type == "cpu" and args.cpu_allocator == "reuse":
+        allocator = reuse_freed_cpu_memory()  # before anything is allocated, as the training scripts do
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     info = machine()
+    if device.type == "cpu":
+        info["cpu_allocator"] = allocator
     print(f"# machine: {info}", flush=True)
     rows: list[Row] = []
     for part in args.parts:

@@ -92,7 +92,7 @@ class PretrainConfig:
     num_warmup_steps: Optional[int] = option(None, help="warm-up in optimizer steps; overrides num_warmup_epochs")
     max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
     mixed_precision: Optional[str] = option(
-        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX CPUs, else fp32 (logged); none: accelerate config's",
+        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); none: accelerate config's",
         choices=MIXED_PRECISION)
     torch_compile: bool = option(False, help="torch.compile the model")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass (less memory)")

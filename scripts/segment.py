@@ -110,7 +110,7 @@ class SegmentConfig:
         "linear", help="transformers scheduler name; linear = mmseg's poly with power 1")
     max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
     mixed_precision: str | None = option(
-        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX CPUs, else fp32 (logged); none: accelerate config's",
+        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); none: accelerate config's",
         choices=MIXED_PRECISION)
     sync_batchnorm: bool = option(True, help="SyncBatchNorm in the pyramid / heads when running on several processes")
     seed: int = option(0, help="seed of the initialisation, the augmentation and the data order")

@@ -1,6 +1,7 @@
 """Shared test set-up: no network, small threads, deterministic seeds."""
 
 import os
+import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +25,18 @@ def pytest_configure(config):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one process-wide AcceleratorState: a script run in-process after another with a
+    different `mixed_precision` (e.g. "auto" resolving to bf16 after an explicit "no") would be refused.
+    Each test starts from none, as each script run does in its own process."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture
