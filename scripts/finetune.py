@@ -89,7 +89,7 @@ class FinetuneConfig:
     max_grad_norm: float | None = option(None, help="clip the gradient norm to this; unset: no clipping")
     # runtime
     mixed_precision: str | None = option(
-        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); none: accelerate config's",
+        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); no: fp32; null: the accelerate launcher's",
         choices=MIXED_PRECISION)
     seed: int = option(0, help="seed of the head's initialisation, the augmentation and the data order")
     output_dir: str = option("outputs/mae-finetune", help="where the model, checkpoints and logs go")

@@ -92,7 +92,7 @@ class PretrainConfig:
     num_warmup_steps: Optional[int] = option(None, help="warm-up in optimizer steps; overrides num_warmup_epochs")
     max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
     mixed_precision: Optional[str] = option(
-        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); none: accelerate config's",
+        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); no: fp32; null: the accelerate launcher's",
         choices=MIXED_PRECISION)
     torch_compile: bool = option(False, help="torch.compile the model")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass (less memory)")
@@ -223,6 +223,7 @@ from modeling_mae.training.runtime import (  # noqa: E402
     flops_per_image,
     make_accelerator,
     peak_flops,
+    quiet_library_loggers,
     resume_command,  # noqa: E402
     tracker_hparams,  # noqa: E402
 )
@@ -484,6 +485,7 @@ def main(argv=None) -> int:
     if cfg.push_to_hub:  # the login and the repository now, not after training
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_library_loggers()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     is_main = accelerator.is_main_process
     sharded = accelerator.distributed_type == DistributedType.FSDP  # a forward is a collective there
@@ -562,9 +564,13 @@ def main(argv=None) -> int:
         corrupt_images = int(process_state.get("corrupt_images", 0))
         stream_state = process_state.get("stream")
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.step, state.epoch)
+        if state.step >= total_steps:
+            logger.info("the run is already finished (step %d of %d): nothing to train, exporting again", state.step,
+                        total_steps)
     elif cfg.resume_from_checkpoint:
         logger.info("no checkpoint in %s yet: starting from scratch", manager.root)
     sample_log.truncate_after(state.step)
+    start_step = state.step
 
     def save_checkpoint() -> Path:
         trainer_state = {**dataclasses.asdict(state), "nonfinite": guard.state_dict(), "lr": scheduler.get_last_lr()[0]}
@@ -688,8 +694,8 @@ def main(argv=None) -> int:
     progress.close()
 
     # ---- final checkpoint, export, model card, Hub -----------------------------------------------
-    if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps != 0:
-        save_checkpoint()
+    if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps != 0 and state.step != start_step:
+        save_checkpoint()  # (a resumed run that took no step has its checkpoint already)
     corrupt_total = int(accelerator.reduce(torch.tensor(corrupt_images, device=accelerator.device), "sum"))
     full_state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards (collective: every process)
     accelerator.wait_for_everyone()
@@ -700,6 +706,8 @@ def main(argv=None) -> int:
             accelerator.unwrap_model(model), preview, output_dir / "reconstruction.png", cfg.seed, stats[:2],
             save=is_main,
         )
+    elif (output_dir / "reconstruction.png").exists():  # a finished run exported again: its picture stands
+        recon = output_dir / "reconstruction.png"
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
         export_model(unwrapped, output_dir, state_dict=full_state_dict,

@@ -110,7 +110,7 @@ class SegmentConfig:
         "linear", help="transformers scheduler name; linear = mmseg's poly with power 1")
     max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
     mixed_precision: str | None = option(
-        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); none: accelerate config's",
+        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); no: fp32; null: the accelerate launcher's",
         choices=MIXED_PRECISION)
     sync_batchnorm: bool = option(True, help="SyncBatchNorm in the pyramid / heads when running on several processes")
     seed: int = option(0, help="seed of the initialisation, the augmentation and the data order")
@@ -189,6 +189,7 @@ from modeling_mae.training.optim import create_optimizer, layer_decay_param_grou
 from modeling_mae.training.runtime import (
     GracefulStop,  # noqa: E402
     make_accelerator,  # noqa: E402
+    quiet_library_loggers,
     resume_command,  # noqa: E402
     tracker_hparams,  # noqa: E402
 )
@@ -470,6 +471,7 @@ def main(argv=None) -> dict:
     if cfg.push_to_hub:  # the login and the repository now, not after training
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_library_loggers()
     accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
     # Map-style training data: every process must take the same number of steps (DDP), so the last
     # round is padded as accelerate does by default. Evaluation shards its images by hand (no padding).

@@ -162,6 +162,25 @@ def _assert_same_run(reference: Path, resumed: Path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_resuming_a_finished_run_keeps_its_checkpoint_and_picture(pretrain, tmp_path):
+    """`--resume_from_checkpoint latest` on a run that already finished (found by a new-user trial): nothing
+    is trained, the last checkpoint is not written again, the weights are unchanged and the card still
+    shows the reconstruction picture."""
+    data = write_dataset(tmp_path / "data", "parquet", count=16)
+    out = tmp_path / "out"
+    args = tiny_args(data, out, max_train_steps=4, checkpointing_steps=3)  # last checkpoint: the final step 4
+    assert pretrain.main(args) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    checkpoint_written = (out / "checkpoints" / "step_4").stat().st_mtime_ns
+    assert "reconstruction.png" in (out / "README.md").read_text()
+    assert pretrain.main(args + ["--resume_from_checkpoint", "latest"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_4"]
+    assert (out / "checkpoints" / "step_4").stat().st_mtime_ns == checkpoint_written
+    assert (out / "model.safetensors").read_bytes() == weights
+    card = (out / "README.md").read_text()
+    assert "reconstruction.png" in card and "No reconstruction picture" not in card
+
+
 def test_killed_run_resumes_exactly(pretrain, tmp_path):
     """SIGKILL after step 5 (last checkpoint: step 3), resume from `latest` -> the same samples, in the
     same order, and the same final parameters as an uninterrupted run; across an epoch boundary and

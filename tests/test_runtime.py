@@ -150,11 +150,22 @@ def test_cpu_runs_reuse_freed_memory_instead_of_faulting_it_back_in():
 
 
 def test_a_chosen_allocator_is_left_alone(monkeypatch):
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert "left as it is" in runtime.reuse_freed_cpu_memory()
-    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setattr(runtime, "loaded_allocator", lambda: "libjemalloc.so.2")
+    assert runtime.reuse_freed_cpu_memory() == "libjemalloc.so.2 is loaded: allocator left as it is"
+    monkeypatch.undo()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
     assert "left as it is" in runtime.reuse_freed_cpu_memory()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux /proc")
+def test_an_allocator_named_in_ld_preload_but_not_loaded_does_not_count(tmp_path):
+    """`LD_PRELOAD=/nonexistent/libjemalloc.so.2`: ld.so ignores it (found by a new-user trial), so glibc
+    malloc runs and is tuned; the log must not claim jemalloc."""
+    code = "from modeling_mae.training.runtime import reuse_freed_cpu_memory; print(reuse_freed_cpu_memory())"
+    env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, "LD_PRELOAD": str(tmp_path / "libjemalloc.so.2")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "keeps freed memory" in result.stdout
+    assert runtime.loaded_allocator() is None  # this test process: glibc's malloc
 
 
 def test_a_second_run_in_one_process_takes_its_own_mixed_precision(tmp_path):
