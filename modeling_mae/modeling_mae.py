@@ -204,25 +204,26 @@ def sdpa_attention_forward(
 
 
 # Our default ("sdpa" when the user did not choose an implementation) uses explicit matmuls where they
-# beat torch's fused kernel: on CPU, in bfloat16. Measured with `scripts/benchmark.py --parts attention`
-# (attention core alone, batch 16, 2-core AMD EPYC Zen 4 with AVX512-BF16, no AMX, torch 2.14, CPU
-# memory reused as the training scripts set it), SDPA time / explicit matmuls time (> 1: explicit faster):
-#   bfloat16, forward + backward: encoder 50 tokens x 12 heads x 64: 4.39; decoder 197 x 16 x 32: 2.39;
-#             decoder last block (147 queries): 2.95; earlier runs: ViT-L 197 x 16 x 64 2.1, ViT-H
+# beat torch's fused kernel: on CPU, in bfloat16, when a backward pass follows. Measured with
+# `scripts/benchmark.py --parts attention` (attention core alone, batch 16, 2-core AMD EPYC Zen 4 with
+# AVX512-BF16, no AMX, torch 2.14), SDPA time / explicit matmuls time (> 1: explicit faster):
+#   bfloat16, forward + backward: encoder 50 tokens x 12 heads x 64: 4.15; decoder 197 x 16 x 32: 2.22;
+#             decoder last block (147 queries): 2.82; earlier runs: ViT-L 197 x 16 x 64 2.1, ViT-H
 #             257 x 16 x 80 1.7, 577 x 12 x 64 1.45
-#   bfloat16, forward only (inference): encoder 1.36, decoder 1.14, last block 1.21; ViT-L 197 x 16 x 64
-#             1.26, ViT-H 257 x 16 x 80 1.6, 577 x 12 x 64 1.57 (batch 16 / 8 / 4); whole ViT-B/16 encoder
-#             forward (feature extraction, batch 16): 9.65 vs 9.09 img/s
-#   float32:  0.65-0.85 either way (SDPA faster).
-# The CPU flash kernel is slow at these short sequences, its backward most of all. Beyond the longest
+#   bfloat16, forward only (inference): 1.3-1.6 at 50-577 tokens where freed memory is reused (the
+#             training scripts' allocator setting, `training.runtime.reuse_freed_cpu_memory`), but
+#             0.77-0.94 at 197-577 tokens with glibc's default malloc, which every other user of the
+#             model has (the T^2 scores page-fault in on every call); SDPA also keeps no scores.
+#   float32:  0.67-0.85 either way (SDPA faster).
+# The CPU flash kernel's backward is what is slow at these short sequences. Beyond the longest
 # measured sequence SDPA stays the choice (explicit scores take O(T^2) memory).
 EAGER_ON_CPU_MAX_TOKENS = {torch.bfloat16: 577}
 
 
 def prefer_eager_attention(query: torch.Tensor, key: torch.Tensor) -> bool:
     """True where explicit matmuls are faster than torch's SDPA for this call: CPU, bfloat16, at most
-    `EAGER_ON_CPU_MAX_TOKENS` keys, training or inference."""
-    if query.device.type != "cpu":
+    `EAGER_ON_CPU_MAX_TOKENS` keys, and a backward pass to come (the query needs a gradient)."""
+    if query.device.type != "cpu" or not (torch.is_grad_enabled() and query.requires_grad):
         return False
     return key.shape[-2] <= EAGER_ON_CPU_MAX_TOKENS.get(query.dtype, 0)
 

@@ -706,7 +706,11 @@ def main(argv=None) -> int:
             accelerator.unwrap_model(model), preview, output_dir / "reconstruction.png", cfg.seed, stats[:2],
             save=is_main,
         )
-    elif (output_dir / "reconstruction.png").exists():  # a finished run exported again: its picture stands
+    elif (
+        resume_path is not None
+        and Path(resume_path).resolve().is_relative_to(output_dir.resolve())
+        and (output_dir / "reconstruction.png").exists()
+    ):  # this finished run, exported again: its own picture stands
         recon = output_dir / "reconstruction.png"
     if is_main:
         unwrapped = accelerator.unwrap_model(model)

@@ -125,53 +125,105 @@ libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Mallinfo2
 if sys.argv[1] == "tuned":
     print(reuse_freed_cpu_memory(), file=sys.stderr)
-block = torch.empty(16 << 20, dtype=torch.float32)  # 64 MiB, above glibc's largest adaptive mmap threshold
+block = torch.empty(4 << 20, dtype=torch.float32)  # 16 MiB: above glibc's initial mmap threshold (128 KiB)
 print(libc.mallinfo2().hblkhd)  # bytes in blocks served by their own mmap (unmapped again on free)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def _glibc_with_mallinfo2() -> bool:
+    import ctypes
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    return hasattr(ctypes.CDLL(None), "mallinfo2")  # glibc 2.33+
+
+
+GLIBC = pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc malloc (2.33+, for mallinfo2)")
+
+
+def _env_without_allocator_settings(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+    return {**env, **extra}
+
+
+@GLIBC
 def test_cpu_runs_reuse_freed_memory_instead_of_faulting_it_back_in():
-    """A 64 MiB tensor: glibc's default serves it with its own mmap, unmapped on free, so every step
+    """A 16 MiB tensor: glibc's default serves it with its own mmap, unmapped on free, so every step
     page-faults it back in; after `reuse_freed_cpu_memory` it comes from the heap, which keeps freed
     pages for the next step."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
-
     def mmapped(variant):
         result = subprocess.run([sys.executable, "-c", MMAPPED_BYTES_OF_A_BIG_TENSOR, variant], capture_output=True,
-                                text=True, env=env, check=True)
+                                text=True, env=_env_without_allocator_settings(), check=True)
         return int(result.stdout.strip()), result.stderr
 
     default, _ = mmapped("default")
     tuned, said = mmapped("tuned")
-    assert default >= 64 << 20
-    assert tuned < 64 << 20, said
-    assert "mmap threshold 1 GiB" in said
+    assert default >= 16 << 20
+    assert tuned < 16 << 20, said
+    assert "keeps freed memory (mmap threshold" in said
 
 
-def test_a_chosen_allocator_is_left_alone(monkeypatch):
+@GLIBC
+def test_a_chosen_allocator_or_threshold_is_left_alone(monkeypatch):
     monkeypatch.setattr(runtime, "loaded_allocator", lambda: "libjemalloc.so.2")
     assert runtime.reuse_freed_cpu_memory() == "libjemalloc.so.2 is loaded: allocator left as it is"
     monkeypatch.undo()
+    monkeypatch.setattr(runtime, "loaded_allocator", lambda: None)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert "left as it is" in runtime.reuse_freed_cpu_memory()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     assert "left as it is" in runtime.reuse_freed_cpu_memory()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux /proc")
-def test_an_allocator_named_in_ld_preload_but_not_loaded_does_not_count(tmp_path):
+@GLIBC
+def test_unrelated_malloc_settings_and_a_preload_that_failed_do_not_count(tmp_path):
     """`LD_PRELOAD=/nonexistent/libjemalloc.so.2`: ld.so ignores it (found by a new-user trial), so glibc
-    malloc runs and is tuned; the log must not claim jemalloc."""
+    malloc runs and is tuned; the log must not claim jemalloc. `MALLOC_ARENA_MAX` (common in containers)
+    is about arenas, not these thresholds."""
     code = "from modeling_mae.training.runtime import reuse_freed_cpu_memory; print(reuse_freed_cpu_memory())"
-    env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, "LD_PRELOAD": str(tmp_path / "libjemalloc.so.2")}
+    env = _env_without_allocator_settings(LD_PRELOAD=str(tmp_path / "libjemalloc.so.2"), MALLOC_ARENA_MAX="2")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert "keeps freed memory" in result.stdout
-    assert runtime.loaded_allocator() is None  # this test process: glibc's malloc
+
+
+def test_the_glibc_mmap_threshold_falls_back_to_what_old_glibc_allows(monkeypatch):
+    """glibc before 2.35 refuses an mmap threshold above 32 MiB: the largest allowed is used, and the
+    trim threshold is set either way."""
+    import ctypes
+
+    calls = []
+
+    def old_glibc_mallopt(option, value):
+        calls.append((option, value))
+        return 0 if option == runtime.M_MMAP_THRESHOLD and value > 32 << 20 else 1
+
+    class FakeLibc:
+        mallopt = staticmethod(old_glibc_mallopt)
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr("platform.libc_ver", lambda: ("glibc", "2.31"))
+    monkeypatch.setattr(runtime, "loaded_allocator", lambda: None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    for name in ("GLIBC_TUNABLES", *runtime.MALLOC_ENV):
+        monkeypatch.delenv(name, raising=False)
+    said = runtime.reuse_freed_cpu_memory()
+    assert said == "glibc malloc keeps freed memory (mmap threshold 32 MiB, trim threshold 2 GiB)"
+    assert calls == [(runtime.M_MMAP_THRESHOLD, 1 << 30), (runtime.M_MMAP_THRESHOLD, 32 << 20),
+                     (runtime.M_TRIM_THRESHOLD, (1 << 31) - 1)]
 
 
 def test_a_second_run_in_one_process_takes_its_own_mixed_precision(tmp_path):
     """A notebook runs one script's `main`, then another's: accelerate's process-wide state would refuse
     the second run's mixed precision ("restart your runtime"); each run starts from its own."""
+    from accelerate.state import AcceleratorState
+
     first = runtime.make_accelerator("no", str(tmp_path / "a"), False, None, cpu=True)
     assert first.mixed_precision == "no"
+    AcceleratorState._shared_state["marker"] = True
+    runtime.make_accelerator("no", str(tmp_path / "a2"), False, None, cpu=True)
+    assert AcceleratorState._shared_state.get("marker")  # the same setting: the state is left as it is
     second = runtime.make_accelerator("bf16", str(tmp_path / "b"), False, None, cpu=True)
     assert second.mixed_precision == "bf16"
+    assert "marker" not in AcceleratorState._shared_state

@@ -117,9 +117,15 @@ def resolve_mixed_precision(
     return "no", "auto: CPU without bf16 instructions (no AMX, no AVX512-BF16): float32"
 
 
-# glibc malloc's mallopt parameters (malloc.h)
+# glibc malloc's mallopt parameters (malloc.h). glibc before 2.35 refuses an mmap threshold above
+# 32 MiB (HEAP_MAX_SIZE / 2): there the largest allowed is used.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-CPU_MALLOC_SETTINGS = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: (1 << 31) - 1}
+MMAP_THRESHOLDS = (1 << 30, 32 << 20)
+TRIM_THRESHOLD = (1 << 31) - 1  # the largest C int: never give the heap top back
+# environment settings of the same thresholds: the user's choice stands
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
+MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.mmap_max",
+                   "glibc.malloc.top_pad")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
@@ -147,8 +153,9 @@ def reuse_freed_cpu_memory() -> str:
     step anyway. Measured on a 2-core AMD EPYC, ViT-B/16 MAE bf16 step (batch 16, ours and
     transformers' in one process, two rounds): page faults 2.35M -> 0.78M over the run, ours 5.08 / 5.33
     -> 5.43 / 5.46 img/s, peak RSS unchanged. The same advice as PyTorch's CPU tuning guide (jemalloc /
-    tcmalloc): left alone where one of those is loaded (not merely named in LD_PRELOAD) or glibc malloc is
-    tuned by the environment."""
+    tcmalloc): left alone where one of those is loaded (not merely named in LD_PRELOAD) or the
+    environment sets these thresholds. The setting lasts for the process (a notebook keeps up to its
+    peak of freed memory)."""
     import ctypes
     import platform
 
@@ -157,16 +164,41 @@ def reuse_freed_cpu_memory() -> str:
     loaded = loaded_allocator()
     if loaded:
         return f"{loaded} is loaded: allocator left as it is"
-    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ):
-        return "glibc malloc tuned by the environment: left as it is"
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(name in tunables for name in MALLOC_TUNABLES) or any(name in os.environ for name in MALLOC_ENV):
+        return "glibc malloc thresholds set by the environment: left as it is"
     try:
-        libc = ctypes.CDLL(None)
-        applied = all(libc.mallopt(option, value) == 1 for option, value in CPU_MALLOC_SETTINGS.items())
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        applied = False
-    if not applied:
+        return "no mallopt: allocator left as it is"
+    mmap = next((value for value in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, value) == 1), None)
+    trim = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if mmap is None and not trim:
         return "glibc mallopt refused: allocator left as it is"
-    return "glibc malloc keeps freed memory (mmap threshold 1 GiB, trim threshold 2 GiB)"
+    done = ([f"mmap threshold {mmap >> 20} MiB" if mmap < 1 << 30 else "mmap threshold 1 GiB"] if mmap else []) + (
+        ["trim threshold 2 GiB"] if trim else [])
+    return f"glibc malloc keeps freed memory ({', '.join(done)})"
+
+
+def forget_other_mixed_precision(mixed_precision: str | None) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses another mixed precision in the
+    same process ("restart your runtime"): a notebook running one script's `main` in bf16, then another
+    in fp32. Such a run starts from a fresh AcceleratorState instead (the process group, PartialState,
+    is kept; Accelerators of the earlier run share the state and see the new setting). Not under FSDP,
+    DeepSpeed or Megatron-LM, whose plugins live only in the state being reset: accelerate's own error
+    stands there."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if not AcceleratorState._shared_state or mixed_precision is None:
+        return
+    current = str(AcceleratorState._shared_state.get("_mixed_precision", mixed_precision))
+    if current == str(mixed_precision):
+        return
+    plugins = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if PartialState._shared_state and PartialState().distributed_type in plugins:
+        return
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def refuse_fsdp_without_gpu(cpu: bool) -> None:
@@ -189,7 +221,6 @@ def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking
     Several processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs
     become CPU processes: accelerate's own `--cpu` launcher starts several processes only through mpirun."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     trackers = resolve_trackers(report_to) if with_tracking else []
@@ -200,10 +231,7 @@ def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking
     on_cpu = cpu or not _has_accelerator()
     resolved, reason = resolve_mixed_precision(mixed_precision, cpu=on_cpu)
     allocator = reuse_freed_cpu_memory() if on_cpu else None
-    # A run starts from its own settings: accelerate keeps one process-wide AcceleratorState and refuses
-    # another mixed precision in the same process (a notebook running two scripts' `main`). The process
-    # group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    forget_other_mixed_precision(resolved)
     accelerator = Accelerator(
         mixed_precision=resolved,
         cpu=cpu,
