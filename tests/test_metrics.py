@@ -147,3 +147,8 @@ if __name__ == "__main__":  # one process of the 2-process test above
     import sys
 
     _run_eval(sys.argv[1])
+    # leave together and close the process group before exit: a rank exiting while gloo's threads still
+    # run can abort ("terminate called without an active exception", seen once in CI)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
