@@ -758,14 +758,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_probe:
-        if args.cpu_allocator == "reuse":
-            reuse_freed_cpu_memory()
-        return memory_probe(args.memory_probe, args)
     device = torch.device(args.device)
     allocator = "glibc defaults"
     if device.type == "cpu" and args.cpu_allocator == "reuse":
         allocator = reuse_freed_cpu_memory()  # before anything is allocated, as the training scripts do
+    if args.memory_probe:  # (CPU only: a CUDA run measures its memory in this process)
+        return memory_probe(args.memory_probe, args)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

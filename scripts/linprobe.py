@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
-from modeling_mae_cli.choices import MIXED_PRECISION, REPORT_TO
+from modeling_mae_cli.choices import MIXED_PRECISION, MIXED_PRECISION_HELP, REPORT_TO
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class LinprobeConfig:
     num_warmup_epochs: float = option(10, help="epochs of linear learning-rate warm-up")
     # runtime
     mixed_precision: str | None = option(
-        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); no: fp32; null: the accelerate launcher's",
+        "auto", help=MIXED_PRECISION_HELP,
         choices=MIXED_PRECISION)
     seed: int = option(0, help="seed of the head's initialisation and the data order")
     output_dir: str = option("outputs/mae-linprobe", help="where the model, checkpoints and logs go")

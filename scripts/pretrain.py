@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
-from modeling_mae_cli.choices import MIXED_PRECISION, MODEL_PRESETS, REPORT_TO
+from modeling_mae_cli.choices import MIXED_PRECISION, MIXED_PRECISION_HELP, MODEL_PRESETS, REPORT_TO
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class PretrainConfig:
     num_warmup_steps: Optional[int] = option(None, help="warm-up in optimizer steps; overrides num_warmup_epochs")
     max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
     mixed_precision: Optional[str] = option(
-        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); no: fp32; null: the accelerate launcher's",
+        "auto", help=MIXED_PRECISION_HELP,
         choices=MIXED_PRECISION)
     torch_compile: bool = option(False, help="torch.compile the model")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass (less memory)")

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
-from modeling_mae_cli.choices import MIXED_PRECISION, MODEL_PRESETS, REPORT_TO
+from modeling_mae_cli.choices import MIXED_PRECISION, MIXED_PRECISION_HELP, MODEL_PRESETS, REPORT_TO
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ class SegmentConfig:
         "linear", help="transformers scheduler name; linear = mmseg's poly with power 1")
     max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
     mixed_precision: str | None = option(
-        "auto", help="autocast; auto: bf16 on bf16 GPUs and AMX or AVX512-BF16 CPUs, else fp32 (logged); no: fp32; null: the accelerate launcher's",
+        "auto", help=MIXED_PRECISION_HELP,
         choices=MIXED_PRECISION)
     sync_batchnorm: bool = option(True, help="SyncBatchNorm in the pyramid / heads when running on several processes")
     seed: int = option(0, help="seed of the initialisation, the augmentation and the data order")

@@ -134,11 +134,10 @@ def loaded_allocator() -> str | None:
     worked, or linked in), from /proc/self/maps; None where there is none or no /proc."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/" in line}
+            names = sorted({os.path.basename(line.split()[-1]) for line in f if "/" in line})
     except OSError:
         return None
-    return next((os.path.basename(p) for p in sorted(paths) if any(n in os.path.basename(p) for n in OTHER_ALLOCATORS)),
-                None)
+    return next((name for name in names if any(allocator in name for allocator in OTHER_ALLOCATORS)), None)
 
 
 def reuse_freed_cpu_memory() -> str:
@@ -175,8 +174,9 @@ def reuse_freed_cpu_memory() -> str:
     trim = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if mmap is None and not trim:
         return "glibc mallopt refused: allocator left as it is"
-    done = ([f"mmap threshold {mmap >> 20} MiB" if mmap < 1 << 30 else "mmap threshold 1 GiB"] if mmap else []) + (
-        ["trim threshold 2 GiB"] if trim else [])
+    done = [f"mmap threshold {f'{mmap >> 30} GiB' if mmap >= 1 << 30 else f'{mmap >> 20} MiB'}"] if mmap else []
+    if trim:
+        done.append("trim threshold 2 GiB")
     return f"glibc malloc keeps freed memory ({', '.join(done)})"
 
 
