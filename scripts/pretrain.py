@@ -281,6 +281,7 @@ def probe_data(cfg: PretrainConfig):
         train_dir=cfg.train_dir,
         split=cfg.train_split,
         token=cfg.hub_token,
+        seed=cfg.seed,
     )
     cells, names = first_image_cells(source, PROBE_IMAGES, cfg.image_column)
     return probe_pixel_format(cells, cfg.pixel_range, names, cfg.num_channels), source
@@ -293,8 +294,8 @@ def image_statistics(cfg: PretrainConfig, fmt: PixelFormat, source, show_progres
     if given is None and fmt.is_rgb8:
         return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD), "ImageNet's"
     if given is None or given == "auto":
-        cells, _ = first_image_cells(source, cfg.image_stats_num_samples, cfg.image_column)
-        mean, std = channel_statistics(cells, fmt, total=len(cells), progress=show_progress)
+        cells, names = first_image_cells(source, cfg.image_stats_num_samples, cfg.image_column)
+        mean, std = channel_statistics(cells, fmt, total=len(cells), progress=show_progress, names=names)
         return mean, std, f"computed over {len(cells)} images"
     mean, std = given
     if len(mean) != fmt.num_channels:
@@ -311,6 +312,7 @@ def build_stream(cfg: PretrainConfig, accelerator, image_size, pixel_format: Opt
         train_dir=cfg.train_dir,
         split=cfg.train_split,
         token=cfg.hub_token,
+        seed=cfg.seed,  # a local folder's file order: drawn from (seed, epoch), the same on every process
     )
     source = split_for_process(source, accelerator.process_index, accelerator.num_processes, cfg.dataloader_num_workers)
     if pixel_format is None or pixel_format.is_rgb8:  # photographs: the uint8 fast path
@@ -504,7 +506,7 @@ def main(argv=None) -> int:
             logger.info("wrote the demo dataset to %s", cfg.train_dir)
         accelerator.wait_for_everyone()
     if cfg.train_dir is not None:
-        detect_local_format(cfg.train_dir)  # a missing, empty or image-less folder fails now, not after the model
+        detect_local_format(cfg.train_dir, split=cfg.train_split)  # a missing, empty or image-less folder fails now, not after the model
 
     # ---- model, data, optimizer ------------------------------------------------------------------
     if cfg.num_threads:

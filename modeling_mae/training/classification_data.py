@@ -44,15 +44,15 @@ def load_map_dataset(name_or_dir: str, split: str, dataset_config_name: str | No
             source = source[split]
     else:
         local = root.is_dir()
-        # a local folder is read as one split ("train" to `datasets`): its sub-folder named like the
-        # split when there is one (data/val for split "val"), else the folder itself
+        # a local folder: its sub-folder named like the split when there is one (data/val for split "val"),
+        # else the split's files as `datasets` names them (data/validation-*.parquet), else the whole folder
         if local and (root / split).is_dir():
             root = root / split
         source = load_source(
             dataset_name=None if local else name_or_dir,
             dataset_config_name=dataset_config_name,
             train_dir=str(root) if local else None,
-            split="train" if local else split,
+            split=split,
             token=token,
             streaming=False,
         )
@@ -228,10 +228,12 @@ def resolve_split_sources(dataset_name, train_dir, validation_dir, train_split, 
         raise ValueError("`validation_dir` is required with `train_dir` (evaluation runs every epoch)")
     from .data import detect_local_format
 
-    for field_name, directory in (("train_dir", train_dir), ("validation_dir", validation_dir)):
+    for field_name, directory, split in (("train_dir", train_dir, train_split), ("validation_dir", validation_dir, validation_split)):
         root = Path(directory).expanduser()
         if not ((root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists()):  # save_to_disk
-            detect_local_format(root, field=field_name)  # missing / empty / no readable image: one line, now
+            if root.is_dir() and (root / split).is_dir():  # the split's own sub-folder, as `load_map_dataset` reads it
+                root = root / split
+            detect_local_format(root, field=field_name, split=split)  # missing / empty / unreadable: one line, now
     return (train_dir, train_split), (validation_dir, validation_split)
 
 

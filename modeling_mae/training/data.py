@@ -5,7 +5,8 @@ Sources (all read with `datasets.load_dataset(..., streaming=True)`):
 - a Hub dataset in either ImageNet layout: parquet with `image` / `label` (`ILSVRC/imagenet-1k`) or
   webdataset shards with `jpg` / `cls` (`timm/imagenet-1k-wds`);
 - `train_dir`, a local folder of parquet files, of webdataset `.tar` shards, or of images (class
-  sub-folders optional); the format is detected (`detect_local_format`).
+  sub-folders optional), the split's files chosen as `datasets` chooses them; the format is detected
+  (`detect_local_format`).
 
 The image and label columns are detected (`detect_columns`) or named. Images are read undecoded
 (`datasets.Image(decode=False)`) and decoded in the DataLoader workers, where an undecodable or
@@ -31,8 +32,17 @@ and is carried by every batch it yields (`stream_state`). `StreamTracker` record
 batches the training loop has actually consumed (prefetched ones do not count), and
 `ImageStream.resume(tracker_state)` restarts every DataLoader worker at its own position, with
 placeholder batches that restore the DataLoader's round-robin order over the workers. The random crop
-of each example is seeded from its position, so a resumed run sees the same pixels. Shard order is
-reshuffled every epoch by `datasets` (`set_epoch`).
+of each example is seeded from its position, so a resumed run sees the same pixels.
+
+Order. A local folder streams one shard per file (`LocalFileSource`), in a file order drawn from
+(seed, epoch) before the files are split over processes and workers: a class-sorted image folder is
+mixed from the first batch, every epoch differs, every process agrees on the order, and a resumed
+epoch draws the same order again. The shuffle window then mixes the examples each worker reads.
+(`datasets`' own `shuffle` reshuffles shards too, but its example buffer is lost on resume.)
+
+Splits. Only the files of the asked split are read, chosen by `datasets`' own file-name rules
+(`split_data_files`): a Hub download with `data/{train,validation,test}-*.parquet` pretrains on its
+train files only.
 """
 
 from __future__ import annotations
@@ -81,6 +91,9 @@ LOCAL_LAYOUTS = (
 )
 
 
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # read by `datasets`' imagefolder
+
+
 def _readable_image(paths: list[Path], tries: int = 16) -> bool:
     """Whether one of the first `tries` image files decodes (with the data path's own decoder, so 16-bit
     and multi-band TIFFs count as readable)."""
@@ -95,9 +108,40 @@ def _readable_image(paths: list[Path], tries: int = 16) -> bool:
     return False
 
 
-def detect_local_format(train_dir: str | os.PathLike, field: str = "train_dir") -> tuple[str, dict]:
-    """Which `datasets` builder reads `train_dir`: ("parquet" | "webdataset", {"train": [files]}) or
-    ("imagefolder", {"data_dir": dir}). Files are listed recursively and sorted; hidden ones are ignored.
+def split_data_files(root: Path, split: str, field: str = "train_dir") -> list[Path]:
+    """The files of `split` under `root`, chosen as `datasets` chooses them (`get_data_patterns`: the Hub
+    layout `data/{split}-00000-of-00001.parquet`, `train/` / `val/` / `test/` folders, `*_validation.*`
+    names, ...), absolute and sorted, hidden files and folders left out.
+
+    A folder without split names is one split, whichever split is asked for (the folder *is* that split);
+    a folder with split names but none for `split` is a one-line error naming the splits it has."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    root = root.resolve()
+    try:
+        patterns = get_data_patterns(str(root))
+    except Exception:  # datasets' EmptyDatasetError: no file it would read
+        patterns = {}
+    splits = [str(name) for name in patterns]
+    if not patterns or (splits == ["train"] and list(patterns.values())[0] == ["**"]):  # no split structure
+        files = list(root.rglob("*"))
+    elif split not in splits:
+        raise ValueError(
+            f"`{field}` {str(root)!r} holds the splits {splits} (named as `datasets` names them), not {split!r}: "
+            f"choose one of them"
+        )
+    else:
+        resolved = DataFilesDict.from_patterns({split: patterns[split]}, base_path=str(root))[split]
+        files = [Path(str(f).removeprefix("file://")) for f in resolved]
+    return sorted(
+        p for p in files if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def detect_local_format(train_dir: str | os.PathLike, field: str = "train_dir", split: str = "train") -> tuple[str, dict]:
+    """Which reader takes `split` of `train_dir`, and its files: ("parquet" | "webdataset" | "imagefolder" |
+    "arrayfolder", {"data_files": [files]}), the split's files chosen as `datasets` chooses them
+    (`split_data_files`: a Hub download's validation and test files are not the train split).
 
     A folder that does not exist, is empty, or holds no readable image in any supported layout raises a
     one-line ValueError naming the path and the layouts looked for (`field` names the config field)."""
@@ -106,9 +150,9 @@ def detect_local_format(train_dir: str | os.PathLike, field: str = "train_dir") 
         raise ValueError(f"`{field}` {str(root)!r} does not exist (expected a folder of {LOCAL_LAYOUTS})")
     if not root.is_dir():
         raise ValueError(f"`{field}` {str(root)!r} is a file, not a folder (expected a folder of {LOCAL_LAYOUTS})")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
+    if not any(p.is_file() and not p.name.startswith(".") for p in root.rglob("*")):
         raise ValueError(f"`{field}` {str(root)!r} is empty (expected {LOCAL_LAYOUTS})")
+    files = split_data_files(root, split, field)
     parquet = [str(p) for p in files if p.suffix == ".parquet"]
     tars = [str(p) for p in files if p.suffix == ".tar"]
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
@@ -118,13 +162,14 @@ def detect_local_format(train_dir: str | os.PathLike, field: str = "train_dir") 
     if tars:
         return "webdataset", {"data_files": tars}
     if arrays and not images:
-        return "arrayfolder", {"data_files": arrays, "data_dir": str(root)}
+        return "arrayfolder", {"data_files": arrays}
     if images and _readable_image(images):
-        return "imagefolder", {"data_dir": str(root)}
+        metadata = [str(p) for p in files if p.name in IMAGEFOLDER_METADATA]
+        return "imagefolder", {"data_files": [str(p) for p in images], "metadata_files": metadata}
     found = f"{len(images)} image file(s), none readable" if images else f"{len(files)} file(s), none of them data"
     raise ValueError(
         f"`{field}` {str(root)!r} holds no parquet files, no webdataset .tar shards and no readable images "
-        f"({found}); looked for {LOCAL_LAYOUTS}"
+        f"({found} in split {split!r}); looked for {LOCAL_LAYOUTS}"
     )
 
 
@@ -149,12 +194,15 @@ def load_source(
     split: str = "train",
     token: str | bool | None = None,
     streaming: bool = True,
+    seed: int = 0,
 ):
-    """A `datasets.IterableDataset` (streaming) of raw examples, from the Hub or a local folder.
+    """A streaming source of raw examples of `split`, from the Hub or a local folder.
 
-    Exactly one of `dataset_name` / `train_dir` must be given. Gated, private, missing or offline
-    datasets raise `DatasetAccessError` with one message that says what to do.
-    """
+    Exactly one of `dataset_name` / `train_dir` must be given. A local folder streams as a
+    `LocalFileSource`: one shard per file, in an order drawn from (seed, epoch). A Hub dataset is
+    `datasets.load_dataset(..., streaming=True)`. Gated, private, missing or offline datasets raise
+    `DatasetAccessError` with one message that says what to do. `streaming=False` gives a map-style
+    `datasets.Dataset` of the same files (in file order)."""
     import datasets
 
     if (dataset_name is None) == (train_dir is None):
@@ -162,12 +210,9 @@ def load_source(
             f"give exactly one of `dataset_name` / `train_dir`; got dataset_name={dataset_name!r}, train_dir={train_dir!r}"
         )
     if train_dir is not None:
-        builder, kwargs = detect_local_format(train_dir)
-        if builder == "arrayfolder":
-            return array_folder_source(kwargs["data_files"], kwargs["data_dir"])
-        if "data_files" in kwargs:
-            kwargs = {"data_files": {split: kwargs["data_files"]}}
-        return datasets.load_dataset(builder, split=split, streaming=streaming, **kwargs)
+        builder, kwargs = detect_local_format(train_dir, split=split)
+        source = LocalFileSource(builder, kwargs["data_files"], split, kwargs.get("metadata_files", ()), seed=seed)
+        return source if streaming else source.map_style()
     try:
         return datasets.load_dataset(
             dataset_name, dataset_config_name, split=split, streaming=streaming, token=token
@@ -180,27 +225,131 @@ def load_source(
         raise
 
 
-def _array_files(files: list[str], classes: dict):
-    """Examples of `array_folder_source` (a generator over one shard of the file list)."""
+def folder_labels(files: list[str]) -> list[str] | None:
+    """The class names of an image / array folder, by `datasets`' imagefolder rule: the name of each file's
+    folder, when there is more than one such name and every file lies at the same depth; else None."""
+    names = {Path(f).parent.name for f in files}
+    depths = {len(Path(f).parts) for f in files}
+    return sorted(names) if len(names) > 1 and len(depths) == 1 else None
+
+
+def _folder_files(files: list[str], labels: list[str] | None):
+    """Examples of an image / array folder (a generator over one shard of the file list)."""
+    index = {name: i for i, name in enumerate(labels or ())}
     for path in files:
-        yield {"image": {"bytes": None, "path": path}, "label": classes.get(str(Path(path).parent), -1)}
+        example = {"image": {"bytes": None, "path": path}}
+        if labels is not None:
+            example["label"] = index[Path(path).parent.name]
+        yield example
 
 
-def array_folder_source(files: list[str], root: str):
-    """A folder of `.npy` arrays (class sub-folders optional) as a streaming `datasets.IterableDataset`
-    with `image` = {bytes, path} and `label` columns, one shard per file (the imagefolder builder
-    reads only image files)."""
-    import datasets
+class LocalFileSource:
+    """The files of one split of a local folder, streamed with `datasets`, one shard per file, the shard
+    order a permutation drawn from (seed, epoch): the same on every process (so `split_for_process` still
+    gives each process its own files), new every epoch (epoch 0 included), and the same again on resume.
 
-    features = datasets.Features({
-        "image": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
-        "label": datasets.Value("int64"),
-    })
-    folders = sorted({str(Path(f).parent) for f in files})
-    classes = {folder: index for index, folder in enumerate(folders)} if len(folders) > 1 else {}
-    return datasets.IterableDataset.from_generator(
-        _array_files, features=features, gen_kwargs={"files": list(files), "classes": classes}
-    )
+    `datasets` reads the files (parquet, webdataset; image / array folders through a generator with
+    imagefolder's labels; an image folder with a metadata file through `datasets`' imagefolder itself, as
+    one shard). Behaves as the `datasets.IterableDataset` it builds for the current epoch and process:
+    `features`, `take`, `cast_column`, `remove_columns`, `state_dict`, iteration, ... are that dataset's;
+    column changes are replayed on the dataset of every later epoch."""
+
+    def __init__(self, builder: str, files, split: str = "train", metadata_files=(), seed: int = 0,
+                 rank: int = 0, world_size: int = 1, epoch: int = 0, steps: tuple = ()):
+        self.builder, self.files, self.split = builder, list(files), split
+        self.metadata_files = list(metadata_files)
+        self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), int(epoch)
+        self._steps = tuple(steps)  # (method name, args) replayed on each epoch's dataset
+        self._dataset = None
+
+    # ---- what the permutation gives ------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return 1 if self.builder == "imagefolder" and self.metadata_files else len(self.files)
+
+    n_shards = num_shards
+
+    def files_for_epoch(self, epoch: int) -> list[str]:
+        """All the split's files in the order of `epoch` (before the split over processes)."""
+        order = np.random.default_rng(_seed_of(self.seed, epoch, 0x5AD5)).permutation(len(self.files))
+        return [self.files[i] for i in order]
+
+    def _build(self):
+        import datasets
+
+        files = self.files_for_epoch(self.epoch)
+        if self.builder in ("parquet", "webdataset"):
+            dataset = datasets.load_dataset(self.builder, data_files={self.split: files}, split=self.split, streaming=True)
+        elif self.builder == "imagefolder" and self.metadata_files:
+            dataset = datasets.load_dataset(
+                "imagefolder", data_files={self.split: files + self.metadata_files}, split=self.split, streaming=True
+            )
+        else:
+            labels = folder_labels(self.files)
+            feature = {"image": datasets.Image()} if self.builder == "imagefolder" else {
+                "image": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}}
+            if labels is not None:
+                feature["label"] = datasets.ClassLabel(names=labels)
+            dataset = datasets.IterableDataset.from_generator(
+                _folder_files, features=datasets.Features(feature), gen_kwargs={"files": files, "labels": tuple(labels) if labels else None}
+            )
+        for name, args in self._steps:
+            dataset = getattr(dataset, name)(*args)
+        if self.world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=self.rank, world_size=self.world_size)
+        return dataset
+
+    @property
+    def dataset(self):
+        """The `datasets.IterableDataset` of the current epoch and process."""
+        if self._dataset is None:
+            self._dataset = self._build()
+        return self._dataset
+
+    def _with(self, **changes) -> "LocalFileSource":
+        values = dict(builder=self.builder, files=self.files, split=self.split, metadata_files=self.metadata_files,
+                      seed=self.seed, rank=self.rank, world_size=self.world_size, epoch=self.epoch, steps=self._steps)
+        return LocalFileSource(**{**values, **changes})
+
+    # ---- the IterableDataset interface the scripts use -----------------------------------------------
+    def for_process(self, rank: int, world_size: int) -> "LocalFileSource":
+        """This process's files (`datasets.distributed.split_dataset_by_node` of each epoch's dataset)."""
+        return self._with(rank=rank, world_size=world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch, self._dataset = int(epoch), None
+
+    def cast_column(self, *args) -> "LocalFileSource":
+        return self._with(steps=self._steps + (("cast_column", args),))
+
+    def remove_columns(self, *args) -> "LocalFileSource":
+        return self._with(steps=self._steps + (("remove_columns", args),))
+
+    def map_style(self):
+        """The same files as a map-style `datasets.Dataset`, in file order (evaluation, fine-tuning)."""
+        import datasets
+
+        if self.builder in ("parquet", "webdataset") or self.metadata_files:
+            builder = "imagefolder" if self.builder == "imagefolder" else self.builder
+            return datasets.load_dataset(builder, data_files={self.split: self.files + self.metadata_files},
+                                         split=self.split)
+        return datasets.Dataset.from_list(list(_folder_files(self.files, folder_labels(self.files))),
+                                          features=self.dataset.features)
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def __getattr__(self, name):  # features, take, state_dict, load_state_dict, info, column_names, ...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __repr__(self):
+        return (f"LocalFileSource({self.builder}, {len(self.files)} files of split {self.split!r}, seed={self.seed}, "
+                f"epoch={self.epoch}, process {self.rank} of {self.world_size})")
 
 
 def detect_columns(features, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str | None]:
@@ -285,6 +434,8 @@ def split_for_process(source, rank: int, world_size: int, num_workers: int = 0, 
         if strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
+    if isinstance(source, LocalFileSource):
+        return source.for_process(rank, world_size)  # every epoch's file order, then this process's files
     if world_size > 1:
         source = split_dataset_by_node(source, rank=rank, world_size=world_size)
     return source
@@ -680,31 +831,34 @@ def build_dataset(
 
 
 def count_examples(source_or_dir, split: str = "train") -> int | None:
-    """Number of examples when it is known cheaply: `info.splits`, parquet metadata, tar members
-    (webdataset samples = distinct keys), or image files. None when unknown."""
-    if isinstance(source_or_dir, (str, os.PathLike)):
-        fmt, kwargs = detect_local_format(source_or_dir)
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
+    """Number of examples of `split` when it is known cheaply: `info.splits`, parquet metadata, tar members
+    (webdataset samples = distinct keys), or image / array files, of the split's files only
+    (`detect_local_format`). None when unknown."""
+    if isinstance(source_or_dir, LocalFileSource):
+        fmt, files = source_or_dir.builder, source_or_dir.files
+    elif isinstance(source_or_dir, (str, os.PathLike)):
+        fmt, kwargs = detect_local_format(source_or_dir, split=split)
+        files = kwargs["data_files"]
+    else:
+        info = getattr(source_or_dir, "info", None)
+        splits = getattr(info, "splits", None) or {}
+        if split in splits and splits[split].num_examples:
+            return int(splits[split].num_examples)
+        return None
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
 
-            return sum(pq.ParquetFile(f).metadata.num_rows for f in kwargs["data_files"])
-        if fmt == "webdataset":
-            import tarfile
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if fmt == "webdataset":
+        import tarfile
 
-            total = 0
-            for f in kwargs["data_files"]:
-                with tarfile.open(f) as tar:
-                    keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
-                total += len(keys)
-            return total
-        if fmt == "arrayfolder":
-            return len(kwargs["data_files"])
-        return sum(1 for p in Path(kwargs["data_dir"]).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    info = getattr(source_or_dir, "info", None)
-    splits = getattr(info, "splits", None) or {}
-    if split in splits and splits[split].num_examples:
-        return int(splits[split].num_examples)
-    return None
+        total = 0
+        for f in files:
+            with tarfile.open(f) as tar:
+                keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+            total += len(keys)
+        return total
+    return len(files)
 
 
 # --------------------------------------------------------------------------------------------------

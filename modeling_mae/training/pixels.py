@@ -21,8 +21,9 @@ streaming pass (float64 sums, so millions of pixels add up exactly enough), for 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 SINGLE_CHANNEL_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16,
                         "I;16N": np.uint16, "I": np.int32, "F": np.float32}
 BIT_DEPTH_RANGES = {"uint8": (0.0, 255.0), "uint16": (0.0, 65535.0)}
+
+logger = logging.getLogger(__name__)
 
 
 class PixelFormatError(ValueError):
@@ -168,19 +171,43 @@ class PixelFormat:
         return f"{self.num_channels} channel(s), {self.dtype}, scaled from [{low:g}, {high:g}] to [0, 1]"
 
 
+class ReadableArrays:
+    """Iterates (array, name) over the cells that decode (`decode_array`); an undecodable one (truncated,
+    not an image) is skipped with a warning naming it, as the training stream skips it, and listed in
+    `skipped`."""
+
+    def __init__(self, cells: Iterable[Any], names: Iterable[str] | None = None, purpose: str = "images"):
+        self.cells, self.names, self.purpose, self.skipped = cells, names, purpose, []
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
+        names = list(self.names) if self.names is not None else None
+        for index, cell in enumerate(self.cells):
+            name = names[index] if names else f"image {index}"
+            try:
+                array = decode_array(cell)
+            except Exception as err:  # what `data.ImageStream` counts as a corrupt image
+                self.skipped.append(f"{name} ({type(err).__name__}: {err})")
+                logger.warning("%s: skipping undecodable image %s: %s: %s", self.purpose, name, type(err).__name__, err)
+                continue
+            yield array, name
+
+
 def probe_pixel_format(cells: Iterable[Any], pixel_range=None, names: Iterable[str] | None = None,
                        num_channels: int | None = None) -> PixelFormat:
     """The format of a dataset from its first images (`cells`); they must all agree (channels, dtype).
+    Undecodable images are skipped and named (`ReadableArrays`); none readable is a one-line error.
 
     8-bit photographs that mix grayscale and colour (ImageNet has both) are one RGB dataset, as is any
     8-bit dataset when `num_channels=3` is asked for (grayscale converted to RGB, as before). Any other
     `num_channels` must be what the images have."""
-    found = []
-    names = list(names) if names is not None else None
-    for index, cell in enumerate(cells):
-        array = decode_array(cell)
-        found.append((array.shape[-1], str(array.dtype), names[index] if names else f"image {index}"))
+    readable = ReadableArrays(cells, names, "pixel format")
+    found = [(array.shape[-1], str(array.dtype), name) for array, name in readable]
     if not found:
+        if readable.skipped:
+            raise ValueError(
+                f"none of the first {len(readable.skipped)} images decodes, so the channel count and bit depth "
+                f"are unknown: {'; '.join(readable.skipped[:3])}"
+            )
         raise ValueError("no image to read the channel count and bit depth from")
     channels, dtype, first = found[0]
     if all(d == "uint8" and c in (1, 3) for c, d, _ in found) and (
@@ -268,17 +295,24 @@ class ChannelStats:
 
 
 def channel_statistics(cells: Iterable[Any], fmt: PixelFormat, total: int | None = None,
-                       progress: bool = True) -> tuple[list[float], list[float]]:
-    """Per-channel mean / std over `cells` (whole images, scaled by `fmt`), with a progress bar."""
+                       progress: bool = True, names: Iterable[str] | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean / std over `cells` (whole images, scaled by `fmt`), with a progress bar; undecodable
+    images are skipped and named, as the training stream skips them."""
     from tqdm.auto import tqdm
 
     stats = ChannelStats()
-    for index, cell in enumerate(tqdm(cells, total=total, desc="image statistics", unit="img", disable=not progress)):
-        array = decode_array(cell)
+    cells = tqdm(cells, total=total, desc="image statistics", unit="img", disable=not progress)
+    readable = ReadableArrays(cells, names, "image statistics")
+    for array, name in readable:
         if fmt.is_rgb8 and array.shape[-1] == 1:  # a grayscale photograph among colour ones, as the stream sees it
             array = np.repeat(array, 3, axis=-1)
-        fmt.check(array, f"image {index}")
+        fmt.check(array, name)
         stats.update(fmt.to_float(array))
+    if readable.skipped:
+        logger.warning("image statistics: %d undecodable image(s) skipped", len(readable.skipped))
+    if not stats.count:
+        raise ValueError(f"none of the {len(readable.skipped)} images read for the statistics decodes: "
+                         f"{'; '.join(readable.skipped[:3])}")
     return stats.result()
 
 
