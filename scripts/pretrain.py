@@ -295,8 +295,10 @@ def image_statistics(cfg: PretrainConfig, fmt: PixelFormat, source, show_progres
         return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD), "ImageNet's"
     if given is None or given == "auto":
         cells, names = first_image_cells(source, cfg.image_stats_num_samples, cfg.image_column)
-        mean, std = channel_statistics(cells, fmt, total=len(cells), progress=show_progress, names=names)
-        return mean, std, f"computed over {len(cells)} images"
+        skipped = []
+        mean, std = channel_statistics(cells, fmt, total=len(cells), progress=show_progress, names=names, skipped=skipped)
+        return mean, std, f"computed over {len(cells) - len(skipped)} images" + (
+            f", {len(skipped)} undecodable one(s) skipped" if skipped else "")
     mean, std = given
     if len(mean) != fmt.num_channels:
         raise ValueError(

@@ -262,3 +262,18 @@ def test_a_folder_without_split_names_is_the_split_asked_for(tmp_path):
         Path(path).rename(Path(path).with_name("shard-a.parquet"))  # a name without a split word
     assert count_examples(str(tmp_path / "mine"), "validation") == 5
     assert count_examples(str(tmp_path / "mine"), "train") == 5
+
+
+def test_a_parquet_dataset_repository_streams_its_split_in_a_seeded_file_order(tmp_path):
+    """`dataset_name` takes the code path of a Hub repository (`load_dataset_builder` resolves the split's
+    files); a local repository folder stands in for the Hub here."""
+    from modeling_mae.training.data import FileShardSource
+
+    root = _hub_layout(tmp_path / "repo")
+    for split, rows in (("train", 6), ("validation", 4), ("test", 2)):
+        source = load_source(dataset_name=str(root), split=split, seed=1)
+        assert isinstance(source, FileShardSource) and source.builder == "parquet"
+        assert len([int(b["labels"]) for b in make_dataloader(ImageStream(source, TrainTransform(32)))]) == rows
+    source = load_source(dataset_name=str(root), split="train", seed=1)
+    orders = {tuple(Path(f).name for f in source.files_for_epoch(epoch)) for epoch in range(6)}
+    assert len(orders) == 2  # two shards: both orders are drawn over six epochs

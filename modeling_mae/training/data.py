@@ -34,7 +34,7 @@ batches the training loop has actually consumed (prefetched ones do not count), 
 placeholder batches that restore the DataLoader's round-robin order over the workers. The random crop
 of each example is seeded from its position, so a resumed run sees the same pixels.
 
-Order. A local folder streams one shard per file (`LocalFileSource`), in a file order drawn from
+Order. A local folder streams one shard per file (`FileShardSource`), in a file order drawn from
 (seed, epoch) before the files are split over processes and workers: a class-sorted image folder is
 mixed from the first batch, every epoch differs, every process agrees on the order, and a resumed
 epoch draws the same order again. The shuffle window then mixes the examples each worker reads.
@@ -198,9 +198,9 @@ def load_source(
 ):
     """A streaming source of raw examples of `split`, from the Hub or a local folder.
 
-    Exactly one of `dataset_name` / `train_dir` must be given. A local folder streams as a
-    `LocalFileSource`: one shard per file, in an order drawn from (seed, epoch). A Hub dataset is
-    `datasets.load_dataset(..., streaming=True)`. Gated, private, missing or offline datasets raise
+    Exactly one of `dataset_name` / `train_dir` must be given. A local folder, and a parquet or webdataset
+    Hub repository, stream as a `FileShardSource`: one shard per file, in an order drawn from (seed, epoch).
+    Any other Hub dataset is `datasets.load_dataset(..., streaming=True)`. Gated, private, missing or offline datasets raise
     `DatasetAccessError` with one message that says what to do. `streaming=False` gives a map-style
     `datasets.Dataset` of the same files (in file order)."""
     import datasets
@@ -211,9 +211,17 @@ def load_source(
         )
     if train_dir is not None:
         builder, kwargs = detect_local_format(train_dir, split=split)
-        source = LocalFileSource(builder, kwargs["data_files"], split, kwargs.get("metadata_files", ()), seed=seed)
+        source = FileShardSource(builder, kwargs["data_files"], split, kwargs.get("metadata_files", ()), seed=seed)
         return source if streaming else source.map_style()
     try:
+        if streaming:
+            # parquet / webdataset repositories (ILSVRC/imagenet-1k, timm/imagenet-1k-wds): the split's files as
+            # `datasets` resolves them, streamed in an order drawn from (seed, epoch) like a local folder
+            builder = datasets.load_dataset_builder(dataset_name, dataset_config_name, token=token)
+            files = (builder.config.data_files or {}).get(split)
+            if builder.name in ("parquet", "webdataset") and files:
+                return FileShardSource(builder.name, list(files), split, seed=seed, features=builder.info.features,
+                                       token=token)
         return datasets.load_dataset(
             dataset_name, dataset_config_name, split=split, streaming=streaming, token=token
         )
@@ -243,8 +251,9 @@ def _folder_files(files: list[str], labels: list[str] | None):
         yield example
 
 
-class LocalFileSource:
-    """The files of one split of a local folder, streamed with `datasets`, one shard per file, the shard
+class FileShardSource:
+    """The files of one split (a local folder's, or a parquet / webdataset Hub repository's), streamed with
+    `datasets`, one shard per file, the shard
     order a permutation drawn from (seed, epoch): the same on every process (so `split_for_process` still
     gives each process its own files), new every epoch (epoch 0 included), and the same again on resume.
 
@@ -255,9 +264,10 @@ class LocalFileSource:
     column changes are replayed on the dataset of every later epoch."""
 
     def __init__(self, builder: str, files, split: str = "train", metadata_files=(), seed: int = 0,
-                 rank: int = 0, world_size: int = 1, epoch: int = 0, steps: tuple = ()):
+                 rank: int = 0, world_size: int = 1, epoch: int = 0, steps: tuple = (), features=None, token=None):
         self.builder, self.files, self.split = builder, list(files), split
         self.metadata_files = list(metadata_files)
+        self.features_given, self.token = features, token  # a Hub dataset's own features (class names); its token
         self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), int(epoch)
         self._steps = tuple(steps)  # (method name, args) replayed on each epoch's dataset
         self._dataset = None
@@ -279,7 +289,8 @@ class LocalFileSource:
 
         files = self.files_for_epoch(self.epoch)
         if self.builder in ("parquet", "webdataset"):
-            dataset = datasets.load_dataset(self.builder, data_files={self.split: files}, split=self.split, streaming=True)
+            dataset = datasets.load_dataset(self.builder, data_files={self.split: files}, split=self.split,
+                                            streaming=True, features=self.features_given, token=self.token)
         elif self.builder == "imagefolder" and self.metadata_files:
             dataset = datasets.load_dataset(
                 "imagefolder", data_files={self.split: files + self.metadata_files}, split=self.split, streaming=True
@@ -308,13 +319,14 @@ class LocalFileSource:
             self._dataset = self._build()
         return self._dataset
 
-    def _with(self, **changes) -> "LocalFileSource":
+    def _with(self, **changes) -> "FileShardSource":
         values = dict(builder=self.builder, files=self.files, split=self.split, metadata_files=self.metadata_files,
-                      seed=self.seed, rank=self.rank, world_size=self.world_size, epoch=self.epoch, steps=self._steps)
-        return LocalFileSource(**{**values, **changes})
+                      seed=self.seed, rank=self.rank, world_size=self.world_size, epoch=self.epoch, steps=self._steps,
+                      features=self.features_given, token=self.token)
+        return FileShardSource(**{**values, **changes})
 
     # ---- the IterableDataset interface the scripts use -----------------------------------------------
-    def for_process(self, rank: int, world_size: int) -> "LocalFileSource":
+    def for_process(self, rank: int, world_size: int) -> "FileShardSource":
         """This process's files (`datasets.distributed.split_dataset_by_node` of each epoch's dataset)."""
         return self._with(rank=rank, world_size=world_size)
 
@@ -322,10 +334,10 @@ class LocalFileSource:
         if int(epoch) != self.epoch:
             self.epoch, self._dataset = int(epoch), None
 
-    def cast_column(self, *args) -> "LocalFileSource":
+    def cast_column(self, *args) -> "FileShardSource":
         return self._with(steps=self._steps + (("cast_column", args),))
 
-    def remove_columns(self, *args) -> "LocalFileSource":
+    def remove_columns(self, *args) -> "FileShardSource":
         return self._with(steps=self._steps + (("remove_columns", args),))
 
     def map_style(self):
@@ -347,8 +359,11 @@ class LocalFileSource:
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __repr__(self):
-        return (f"LocalFileSource({self.builder}, {len(self.files)} files of split {self.split!r}, seed={self.seed}, "
+    def __getstate__(self):  # DataLoader workers (spawn) get the recipe, not the built dataset
+        return {**self.__dict__, "_dataset": None}
+
+    def __repr__(self):  # never the token
+        return (f"FileShardSource({self.builder}, {len(self.files)} files of split {self.split!r}, seed={self.seed}, "
                 f"epoch={self.epoch}, process {self.rank} of {self.world_size})")
 
 
@@ -434,7 +449,7 @@ def split_for_process(source, rank: int, world_size: int, num_workers: int = 0, 
         if strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
-    if isinstance(source, LocalFileSource):
+    if isinstance(source, FileShardSource):
         return source.for_process(rank, world_size)  # every epoch's file order, then this process's files
     if world_size > 1:
         source = split_dataset_by_node(source, rank=rank, world_size=world_size)
@@ -500,6 +515,13 @@ def _cell_name(cell: Any, image_column: str) -> str:
     if isinstance(cell, dict) and cell.get("path"):
         return str(cell["path"])
     return sample_id({image_column: cell}, image_column) if not isinstance(cell, (list, np.ndarray)) else "(array cell)"
+
+
+def _example_name(example: dict, image_column: str) -> str:
+    """What a log line names an example by: its webdataset key, else its file path, else its `sample_id`."""
+    if example.get("__key__") is not None:
+        return str(example["__key__"])
+    return _cell_name(example[image_column], image_column)
 
 
 def _image_feature_dtype(source, image_column: str) -> str | None:
@@ -700,7 +722,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                     pixels = self._load(example[self.image_column], seed)
                 except CorruptImageError as err:
                     skipped += 1
-                    logger.warning("skipping undecodable image %s: %s", sample_id(example, self.image_column), err)
+                    logger.warning("skipping undecodable image %s: %s", _example_name(example, self.image_column), err)
                     continue
                 item = (pixels, _label(example, self.label_column), sample_id(example, self.image_column))
                 if self.batch_size is None:
@@ -834,7 +856,7 @@ def count_examples(source_or_dir, split: str = "train") -> int | None:
     """Number of examples of `split` when it is known cheaply: `info.splits`, parquet metadata, tar members
     (webdataset samples = distinct keys), or image / array files, of the split's files only
     (`detect_local_format`). None when unknown."""
-    if isinstance(source_or_dir, LocalFileSource):
+    if isinstance(source_or_dir, FileShardSource):
         fmt, files = source_or_dir.builder, source_or_dir.files
     elif isinstance(source_or_dir, (str, os.PathLike)):
         fmt, kwargs = detect_local_format(source_or_dir, split=split)

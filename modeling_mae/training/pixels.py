@@ -295,9 +295,10 @@ class ChannelStats:
 
 
 def channel_statistics(cells: Iterable[Any], fmt: PixelFormat, total: int | None = None,
-                       progress: bool = True, names: Iterable[str] | None = None) -> tuple[list[float], list[float]]:
+                       progress: bool = True, names: Iterable[str] | None = None,
+                       skipped: list | None = None) -> tuple[list[float], list[float]]:
     """Per-channel mean / std over `cells` (whole images, scaled by `fmt`), with a progress bar; undecodable
-    images are skipped and named, as the training stream skips them."""
+    images are skipped and named, as the training stream skips them (and appended to `skipped`)."""
     from tqdm.auto import tqdm
 
     stats = ChannelStats()
@@ -310,6 +311,8 @@ def channel_statistics(cells: Iterable[Any], fmt: PixelFormat, total: int | None
         stats.update(fmt.to_float(array))
     if readable.skipped:
         logger.warning("image statistics: %d undecodable image(s) skipped", len(readable.skipped))
+        if skipped is not None:
+            skipped.extend(readable.skipped)
     if not stats.count:
         raise ValueError(f"none of the {len(readable.skipped)} images read for the statistics decodes: "
                          f"{'; '.join(readable.skipped[:3])}")
