@@ -525,7 +525,8 @@ def main(argv=None) -> dict:
     if cfg.max_eval_samples is not None:
         eval_split = eval_split.select(range(min(cfg.max_eval_samples, len(eval_split))))
     columns = dict(
-        image_column=cfg.image_column_name, label_column=cfg.label_column_name, reduce_labels=cfg.reduce_labels
+        image_column=cfg.image_column_name, label_column=cfg.label_column_name, reduce_labels=cfg.reduce_labels,
+        num_labels=cfg.num_labels,
     )
     train_set = SegmentationDataset(
         train_split,

@@ -10,6 +10,7 @@ and not square, so that both the keep-ratio resize and the windows matter.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -307,3 +308,42 @@ def test_test_inference_config_is_checked_and_defaults_to_whole(tmp_path):
         saved.pop(key, None)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert MAEUperNetConfig.from_pretrained(tmp_path).test_mode == "whole"
+
+
+# --------------------------------------------------------------------------------------------------
+# Annotations the script refuses
+# --------------------------------------------------------------------------------------------------
+def script_argv(data: Path, out: Path) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "segment" / "demo.yaml"),
+        "--data_dir", str(data), "--output_dir", str(out), "--num_labels", "3",
+        "--model_config", "{patch_size: 8, num_hidden_layers: 1, image_size: 32, hidden_size: 32}",
+        "--out_indices", "[1]", "--crop_size", "32", "--base_scale", "[64, 32]", "--eval_stride", "16",
+        "--per_device_train_batch_size", "4", "--max_train_steps", "1", "--num_warmup_steps", "0",
+        "--eval_steps", "1", "--checkpointing_steps", "100", "--mixed_precision", "no",
+    ]
+
+
+def test_segment_script_refuses_a_class_id_beyond_num_labels(tmp_path):
+    from modeling_mae.training.segmentation_data import write_synthetic_ade_folder
+
+    data = write_synthetic_ade_folder(tmp_path / "data", num_train=4, num_val=1, size=32, num_classes=3)
+    bad = data / "annotations" / "training" / "ADE_training_00000002.png"
+    label = np.asarray(Image.open(bad)).copy()
+    label[:4, :4] = 7  # num_labels 3 with reduce_labels: the file may hold 0, 1..3 and 255
+    Image.fromarray(label, mode="L").save(bad)
+    with pytest.raises(ValueError, match=rf"^annotation {re.escape(str(bad))} holds class id 7; expected 0 \('other'\), "
+                                         r"1\.\.3 or 255 \(reduce_labels=True\) for num_labels=3$"):
+        load_script().main(script_argv(data, tmp_path / "out"))
+
+
+def test_segment_script_refuses_an_annotation_of_another_size(tmp_path):
+    from modeling_mae.training.segmentation_data import write_synthetic_ade_folder
+
+    data = write_synthetic_ade_folder(tmp_path / "data", num_train=4, num_val=1, size=32, num_classes=3)
+    bad = data / "annotations" / "validation" / "ADE_validation_00000000.png"
+    Image.open(bad).resize((16, 32), Image.NEAREST).save(bad)
+    image = data / "images" / "validation" / "ADE_validation_00000000.jpg"
+    with pytest.raises(ValueError, match=rf"^annotation {re.escape(str(bad))} is 16x32 \(width x height\) but its image "
+                                         rf"{re.escape(str(image))} is 32x32$"):
+        load_script().main(script_argv(data, tmp_path / "out"))

@@ -231,11 +231,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     whatever the DataLoader workers or prefetching did before (`set_epoch` before each epoch)."""
 
     def __init__(self, source, transform, image_column="image", label_column="annotation", reduce_labels=True,
-                 train=True, ignore_index=IGNORE_INDEX, seed: int = 0):
+                 train=True, ignore_index=IGNORE_INDEX, seed: int = 0, num_labels: int | None = None):
         check_columns(source, image_column, label_column)
         self.source, self.transform, self.train = source, transform, train
         self.image_column, self.label_column = image_column, label_column
         self.reduce_labels, self.ignore_index = reduce_labels, ignore_index
+        self.num_labels = num_labels  # None: class ids are not checked
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -260,6 +261,38 @@ class SegmentationDataset(torch.utils.data.Dataset):
                            index, type(err).__name__, err)
             return None
 
+    def file_name(self, index: int, column: str) -> str:
+        """The file an example's image or annotation came from, for error messages (else "example i")."""
+        try:
+            import datasets
+
+            raw = self.source.cast_column(column, datasets.Image(decode=False))[int(index)][column]
+            if raw.get("path"):
+                return str(raw["path"])
+        except Exception:  # not a `datasets` Image column: name the example instead
+            pass
+        return f"example {index} of the {'training' if self.train else 'evaluation'} split"
+
+    def check_annotation(self, index: int, image, raw: np.ndarray) -> None:
+        """An annotation must cover its image pixel for pixel (one class id per image pixel)."""
+        width, height = image.size if isinstance(image, Image.Image) else (raw.shape[1], raw.shape[0])
+        if raw.shape != (height, width):
+            raise ValueError(
+                f"annotation {self.file_name(index, self.label_column)} is {raw.shape[1]}x{raw.shape[0]} (width x "
+                f"height) but its image {self.file_name(index, self.image_column)} is {width}x{height}"
+            )
+
+    def check_class_ids(self, index: int, raw: np.ndarray, label: np.ndarray) -> None:
+        """Every class id (after `reduce_labels`) is in 0..num_labels-1 or the ignore index."""
+        bad = (label != self.ignore_index) & ((label < 0) | (label >= self.num_labels))
+        if bad.any():
+            expected = (f"0 ('other'), 1..{self.num_labels} or {self.ignore_index} (reduce_labels=True)"
+                        if self.reduce_labels else f"0..{self.num_labels - 1} or {self.ignore_index}")
+            raise ValueError(
+                f"annotation {self.file_name(index, self.label_column)} holds class id {int(raw[bad].max())}; "
+                f"expected {expected} for num_labels={self.num_labels}"
+            )
+
     def __getitem__(self, index: int) -> dict:
         """{"pixel_values", "labels", "skipped": [unreadable indices passed over]}. An unreadable
         training example is replaced by the next readable one (batches keep their size, resume stays
@@ -277,9 +310,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if self.train:
                 raise ValueError(f"none of the {len(self.source)} training examples can be decoded")
             return {"skipped": skipped}
-        label = annotation_to_array(example[self.label_column])
-        if self.reduce_labels:
-            label = reduce_labels(label, self.ignore_index)
+        raw = annotation_to_array(example[self.label_column])
+        self.check_annotation(used, example[self.image_column], raw)
+        label = reduce_labels(raw, self.ignore_index) if self.reduce_labels else raw
+        if self.num_labels is not None:
+            self.check_class_ids(used, raw, label)
         if self.train:
             pixels, label_t = self.transform(example[self.image_column], label, seed=self.sample_seed(used))
         else:
