@@ -16,7 +16,9 @@ One typed config (`SegmentConfig`: YAML + command-line overrides, flag names as 
     optimize  AdamW (0.9, 0.999), wd 0.05, layer-wise lr decay 0.65 (backbone blocks by depth, pyramid and
               heads at the top), linear warm-up then poly(1.0) = linear decay, per iteration
     evaluate  every `eval_steps`: sliding-window (512, stride 341) or whole-image inference on the resized
-              image, logits resized to the annotation, mIoU / mAcc / aAcc from metrics/mean_iou
+              image, logits resized to the annotation, mIoU / mAcc / aAcc from metrics/mean_iou; the steps
+              are the exported image processor's and the model's forward (config `test_mode`), so
+              `pipeline("image-segmentation")` on the export gives the reported mIoU
     persist   atomic checkpoints (`checkpointing_steps`, `--resume_from_checkpoint latest|PATH`); the best
               model by mIoU exported to `output_dir` (weights, code, image processor, model card),
               `--push_to_hub`
@@ -287,7 +289,7 @@ def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
         auxiliary_loss_weight=cfg.auxiliary_loss_weight,
         loss_ignore_index=IGNORE_INDEX,
     )
-    inference = test_options(cfg)
+    inference = inference_options(cfg)
     if cfg.model_preset is not None:
         overrides = {**cfg.model_config, **transfer_options(cfg)}
         backbone_config = MAEConfig.from_preset(cfg.model_preset, **overrides)
@@ -303,7 +305,7 @@ def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
     return model
 
 
-def test_options(cfg: SegmentConfig) -> dict:
+def inference_options(cfg: SegmentConfig) -> dict:
     """MAEUperNetConfig fields of the evaluation's inference: the model's forward runs it, here and when exported."""
     return dict(test_mode=cfg.eval_mode, test_crop_size=cfg.crop_size, test_stride=cfg.eval_stride)
 
@@ -397,8 +399,8 @@ ViT encoder, fine-tuned with `scripts/segment.py` of modeling_mae on **{{ datase
 | training | {{ steps }} iterations, batch {{ effective_batch }}, lr {{ lr }}, layer decay {{ layer_decay }} |
 
 The saved image processor and model run the evaluation that gave these numbers: the image rescaled
-(aspect ratio kept) to fit {{ test_scale }}, {{ eval_mode }} inference (crop {{ crop_size }}, stride
-{{ eval_stride }} for sliding windows), the logits resized to the image before the argmax.
+(aspect ratio kept) to fit {{ test_scale }}, `test_mode: {{ eval_mode }}` inference (sliding windows are
+{{ crop_size }} pixels, {{ eval_stride }} apart), the logits resized to the image before the argmax.
 
 ```python
 import torch
