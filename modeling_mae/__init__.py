@@ -2,7 +2,8 @@
 
 `import modeling_mae` registers the classes with the Auto classes, so that `AutoConfig`,
 `AutoModel`, `AutoModelForPreTraining`, `AutoModelForImageClassification` and `AutoBackbone` (`MAEBackbone`) know
-`model_type="mae"` (and `AutoModelForSemanticSegmentation` knows "mae_upernet", UperNet on `MAEBackbone`),
+`model_type="mae"` (and `AutoModelForSemanticSegmentation` knows "mae_upernet", UperNet on `MAEBackbone`, with
+`MAESegmentationImageProcessor` for `AutoImageProcessor` and `pipeline("image-segmentation")`),
 and marks them for `register_for_auto_class`, so that `save_pretrained` / `push_to_hub` write
 `auto_map` and the modeling code beside the weights (loadable with `trust_remote_code=True`).
 """
@@ -19,6 +20,7 @@ from transformers import (
 
 from .configuration_mae import MAE_PRESETS, MAEConfig
 from .image_processing_mae import MAEImageProcessor
+from .image_processing_mae_segmentation import MAESegmentationImageProcessor
 from .masking import make_noise, random_masking
 from .modeling_mae import (
     MAEForImageClassification,
@@ -44,6 +46,11 @@ AutoImageProcessor.register(
 )
 AutoConfig.register("mae_upernet", MAEUperNetConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(MAEUperNetConfig, MAEUperNetForSemanticSegmentation, exist_ok=True)
+AutoImageProcessor.register(
+    MAEUperNetConfig,
+    image_processor_classes={"pil": MAESegmentationImageProcessor, "torchvision": MAESegmentationImageProcessor},
+    exist_ok=True,
+)
 
 MAEConfig.register_for_auto_class()
 MAEModel.register_for_auto_class("AutoModel")
@@ -53,6 +60,7 @@ MAEBackbone.register_for_auto_class("AutoBackbone")
 MAEImageProcessor.register_for_auto_class("AutoImageProcessor")
 MAEUperNetConfig.register_for_auto_class()
 MAEUperNetForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+MAESegmentationImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "MAE_PRESETS",
@@ -62,6 +70,7 @@ __all__ = [
     "MAEForImageClassification",
     "MAEBackbone",
     "MAEImageProcessor",
+    "MAESegmentationImageProcessor",
     "MAEUperNetConfig",
     "MAEUperNetForSemanticSegmentation",
     "MAEPreTrainedModel",

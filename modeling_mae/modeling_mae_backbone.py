@@ -33,17 +33,25 @@ e.g. 14x14 -> 32x32 for 512x512 ADE20K crops; like fine-tuning, segmentation tra
 `MAEUperNetConfig` / `MAEUperNetForSemanticSegmentation` are transformers' UperNet with the MAE
 backbone built directly: their saved directories load with `trust_remote_code=True` where this package
 is not installed (see their docstrings for why plain `UperNetForSemanticSegmentation` cannot).
+In eval mode and without labels, the model's forward runs the test-time inference its config names
+(`test_mode`: mmseg's sliding windows `test_crop_size` / `test_stride`, or the whole image padded to a
+multiple of 2 x patch), the inference `scripts/segment.py` scores; `slide_inference` / `whole_inference`
+below are the one implementation.
 
 This file imports only torch, transformers and its siblings, so `save_pretrained` can ship it.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
-from transformers.modeling_outputs import BackboneOutput
+from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
 from transformers.models.upernet.configuration_upernet import UperNetConfig
 from transformers.models.upernet.modeling_upernet import (
     UperNetFCNHead,
@@ -183,6 +191,57 @@ class MAEBackbone(BackboneMixin, MAEPreTrainedModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# Test-time inference (mmsegmentation's `whole` / `slide` modes)
+# --------------------------------------------------------------------------------------------------
+TEST_MODES = ("slide", "whole")
+
+
+def _pad_to(pixel_values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return F.pad(pixel_values, (0, width - pixel_values.shape[-1], 0, height - pixel_values.shape[-2]))
+
+
+def whole_inference(model, pixel_values: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(1, 3, h, w) normalised -> (1, num_labels, h, w) logits; padded to a multiple of `multiple` for the model."""
+    height, width = pixel_values.shape[-2:]
+    padded = _pad_to(pixel_values, -(-height // multiple) * multiple, -(-width // multiple) * multiple)
+    return model(pixel_values=padded).logits[..., :height, :width]
+
+
+def slide_inference(model, pixel_values: torch.Tensor, crop: int, stride: int, batch_size: int = 8) -> torch.Tensor:
+    """(1, 3, h, w) normalised -> (1, num_labels, h, w) logits averaged over crop x crop windows
+    `stride` apart (the last window of a row / column is aligned to the border; smaller images are padded)."""
+    height, width = pixel_values.shape[-2:]
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    logits = counts = None
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start : start + batch_size]
+        windows = torch.cat([_pad_to(pixel_values[..., y1:y2, x1:x2], crop, crop) for y1, y2, x1, x2 in chunk])
+        out = model(pixel_values=windows).logits.float()
+        if logits is None:
+            logits = out.new_zeros(1, out.shape[1], height, width)
+            counts = out.new_zeros(1, 1, height, width)
+        for window_logits, (y1, y2, x1, x2) in zip(out, chunk):
+            logits[0, :, y1:y2, x1:x2] += window_logits[:, : y2 - y1, : x2 - x1]
+            counts[0, :, y1:y2, x1:x2] += 1
+    return logits / counts
+
+
+@dataclass
+class MAESemanticSegmenterOutput(SemanticSegmenterOutput):
+    """`SemanticSegmenterOutput` plus `image_sizes` (N, 2): the (h, w) of each image's own logits in a
+    batch padded to its largest image (`MAESegmentationImageProcessor.post_process_semantic_segmentation`
+    leaves the rest out)."""
+
+    image_sizes: torch.LongTensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
 # UperNet with the MAE backbone, loadable as remote code
 # --------------------------------------------------------------------------------------------------
 class MAEUperNetConfig(UperNetConfig):
@@ -196,11 +255,26 @@ class MAEUperNetConfig(UperNetConfig):
     The MAE / BEiT segmentation setup puts the simple feature pyramid between the encoder and UperNet:
     the default backbone config sets `add_fpn=True`, and so does a saved backbone config from before
     `add_fpn` existed (the pyramid was then always on, and its weights are in those checkpoints).
+
+    Test-time inference (the model's forward in eval mode without labels; `scripts/segment.py` sets
+    these from its `eval_mode`, `crop_size`, `eval_stride`, so the saved model infers as it was scored):
+        test_mode: "whole" (the default: the image padded to a multiple of 2 x patch, which leaves a
+            divisible input as the plain UperNet forward has it) or "slide" (mmseg's sliding windows).
+        test_crop_size / test_stride: the sliding window and its step, pixels (mmseg's ADE20K: 512 / 341).
     """
 
     model_type = "mae_upernet"
 
+    test_mode: str = "whole"
+    test_crop_size: int = 512
+    test_stride: int = 341
+
     def __post_init__(self, **kwargs):
+        if self.test_mode not in TEST_MODES:
+            raise ValueError(f"MAEUperNetConfig.test_mode must be one of {TEST_MODES}, got {self.test_mode!r}")
+        if not 0 < self.test_stride <= self.test_crop_size:
+            raise ValueError(f"MAEUperNetConfig.test_stride must be in (0, test_crop_size={self.test_crop_size}], "
+                             f"got {self.test_stride}")
         if self.backbone_config is None:
             # ViT-B/16 with the MAE / BEiT ADE20K block selection
             self.backbone_config = MAEConfig(out_indices=[4, 6, 8, 12], add_fpn=True)
@@ -245,6 +319,58 @@ class MAEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
         )
         self.post_init()
 
+    # ---- test-time inference -----------------------------------------------------------------------
+    def infer_logits(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3, H, W) normalised -> (N, num_labels, H, W) logits by `config.test_mode`, one image at a
+        time on its own (h, w) = `image_sizes[i]` (default: all of it); padding beyond it stays 0."""
+        plain = functools.partial(UperNetForSemanticSegmentation.forward, self)  # the UperNet forward, per window
+        logits = None
+        for i in range(pixel_values.shape[0]):
+            height, width = (int(v) for v in image_sizes[i]) if image_sizes is not None else pixel_values.shape[-2:]
+            image = pixel_values[i : i + 1, :, :height, :width]
+            if self.config.test_mode == "slide":
+                own = slide_inference(plain, image, self.config.test_crop_size, self.config.test_stride)
+            else:
+                own = whole_inference(plain, image, multiple=2 * self.config.backbone_config.patch_size)
+            if logits is None:
+                logits = own.new_zeros(pixel_values.shape[0], own.shape[1], *pixel_values.shape[-2:])
+            logits[i, :, :height, :width] = own[0]
+        return logits
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | SemanticSegmenterOutput:
+        r"""
+        Training, or with `labels`, hidden states or attentions asked for: transformers' UperNet forward.
+        Otherwise (inference) the test-time inference of `config.test_mode` (`infer_logits`).
+
+        Args:
+            pixel_values (`(N, 3, H, W)`): normalised images.
+            image_sizes (`(N, 2)`, optional): each image's (h, w) inside a padded batch, as
+                `MAESegmentationImageProcessor` returns it.
+        Returns:
+            `MAESemanticSegmenterOutput` with `logits` (N, num_labels, H, W) and `image_sizes` at inference.
+        """
+        if self.training or labels is not None or output_attentions or output_hidden_states:
+            return super().forward(pixel_values=pixel_values, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states, labels=labels, return_dict=return_dict,
+                                   **kwargs)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        logits = self.infer_logits(pixel_values, image_sizes)
+        if not return_dict:
+            return (logits,)
+        if image_sizes is None:
+            image_sizes = torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0], dtype=torch.long,
+                                       device=pixel_values.device)
+        return MAESemanticSegmenterOutput(logits=logits, image_sizes=image_sizes)
+
     # ---- what optimizers and layer decay ask the model (timm's interface) ------------------------
     def no_weight_decay(self) -> set[str]:
         """CLS token and position table of the backbone (besides biases and norms)."""
@@ -258,6 +384,7 @@ class MAEUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
 
 __all__ = [
     "MAEBackbone",
+    "MAESemanticSegmenterOutput",
     "MAESimpleFeaturePyramid",
     "MAEUperNetConfig",
     "MAEUperNetForSemanticSegmentation",

@@ -16,7 +16,9 @@ One typed config (`SegmentConfig`: YAML + command-line overrides, flag names as 
     optimize  AdamW (0.9, 0.999), wd 0.05, layer-wise lr decay 0.65 (backbone blocks by depth, pyramid and
               heads at the top), linear warm-up then poly(1.0) = linear decay, per iteration
     evaluate  every `eval_steps`: sliding-window (512, stride 341) or whole-image inference on the resized
-              image, logits resized to the annotation, mIoU / mAcc / aAcc from metrics/mean_iou
+              image, logits resized to the annotation, mIoU / mAcc / aAcc from metrics/mean_iou; the steps
+              are the exported image processor's and the model's forward (config `test_mode`), so
+              `pipeline("image-segmentation")` on the export gives the reported mIoU
     persist   atomic checkpoints (`checkpointing_steps`, `--resume_from_checkpoint latest|PATH`); the best
               model by mIoU exported to `output_dir` (weights, code, image processor, model card),
               `--push_to_hub`
@@ -171,7 +173,14 @@ import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from torch import nn  # noqa: E402
 
-from modeling_mae import MAEBackbone, MAEConfig, MAEModel, MAEUperNetConfig, MAEUperNetForSemanticSegmentation  # noqa: E402
+from modeling_mae import (  # noqa: E402
+    MAEBackbone,
+    MAEConfig,
+    MAEModel,
+    MAESegmentationImageProcessor,
+    MAEUperNetConfig,
+    MAEUperNetForSemanticSegmentation,
+)
 from modeling_mae.conversion.convert import interpolate_positions  # noqa: E402
 from modeling_mae.file_modes import give_weights_usual_mode  # noqa: E402
 from modeling_mae.modeling_mae import is_transfer_only, log_new_transfer_parameters  # noqa: E402
@@ -201,9 +210,6 @@ from modeling_mae.training.segmentation_data import (  # noqa: E402
     collate_eval,
     collate_train,
     load_segmentation_split,
-    predict_label_map,
-    slide_inference,
-    whole_inference,
 )
 from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize_on_device  # noqa: E402
 
@@ -283,28 +289,36 @@ def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
         auxiliary_loss_weight=cfg.auxiliary_loss_weight,
         loss_ignore_index=IGNORE_INDEX,
     )
+    inference = inference_options(cfg)
     if cfg.model_preset is not None:
         overrides = {**cfg.model_config, **transfer_options(cfg)}
         backbone_config = MAEConfig.from_preset(cfg.model_preset, **overrides)
-        return MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=backbone_config, **heads, **labels))
+        return MAEUperNetForSemanticSegmentation(
+            MAEUperNetConfig(backbone_config=backbone_config, **heads, **labels, **inference))
     if not is_official_checkpoint(cfg.model_name_or_path):
         if read_config_json(cfg.model_name_or_path).get("model_type") in ("mae_upernet", "upernet"):
-            return MAEUperNetForSemanticSegmentation.from_pretrained(cfg.model_name_or_path, **labels)
+            return MAEUperNetForSemanticSegmentation.from_pretrained(cfg.model_name_or_path, **labels, **inference)
     backbone = load_backbone(cfg)
-    model = MAEUperNetForSemanticSegmentation(MAEUperNetConfig(backbone_config=backbone.config, **heads, **labels))
+    model = MAEUperNetForSemanticSegmentation(
+        MAEUperNetConfig(backbone_config=backbone.config, **heads, **labels, **inference))
     model.backbone = backbone  # the pretrained encoder replaces the random one; pyramid and heads are new
     return model
 
 
-def image_processor(cfg: SegmentConfig):
-    """What the exported model expects: ImageNet mean / std, crop_size input, ADE's label reduction."""
-    from transformers import SegformerImageProcessor
+def inference_options(cfg: SegmentConfig) -> dict:
+    """MAEUperNetConfig fields of the evaluation's inference: the model's forward runs it, here and when exported."""
+    return dict(test_mode=cfg.eval_mode, test_crop_size=cfg.crop_size, test_stride=cfg.eval_stride)
 
-    return SegformerImageProcessor(
-        size={"height": cfg.crop_size, "width": cfg.crop_size},
+
+def image_processor(cfg: SegmentConfig) -> MAESegmentationImageProcessor:
+    """The evaluation's pre- and post-processing, saved with the model: keep-ratio rescale to fit
+    `base_scale`, ImageNet mean / std, ADE's label reduction, logits resized to the image before the argmax."""
+    return MAESegmentationImageProcessor(
+        scale=list(cfg.base_scale),
         image_mean=list(IMAGENET_DEFAULT_MEAN),
         image_std=list(IMAGENET_DEFAULT_STD),
         do_reduce_labels=cfg.reduce_labels,
+        ignore_index=IGNORE_INDEX,
     )
 
 
@@ -325,8 +339,13 @@ def load_mean_iou(path: str):
 @torch.no_grad()
 def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
     """mIoU / mAcc / aAcc over `dataset`: each process predicts its own share of the images and sums
-    the per-class areas (`intersect_and_union`); one all-reduce adds them up."""
+    the per-class areas (`intersect_and_union`); one all-reduce adds them up.
+
+    Every step is the exported model's and image processor's (the dataset's resize is the processor's
+    `resize_uint8`, the model's forward runs `test_mode` inference, the processor resizes the logits to
+    the annotation and takes the argmax), so `pipeline("image-segmentation")` on the export scores the same."""
     model.eval()
+    processor = image_processor(cfg)
     shard = torch.utils.data.Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
     loader = torch.utils.data.DataLoader(
         shard,
@@ -334,19 +353,16 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
         collate_fn=collate_eval,
         num_workers=cfg.preprocessing_num_workers,
     )
-    patch = accelerator.unwrap_model(model).config.backbone_config.patch_size
     areas = torch.zeros(4, cfg.num_labels, dtype=torch.float64, device=accelerator.device)
     skipped = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for batch in loader:
         skipped += batch["num_skipped"]
         for pixels, label in zip(batch["pixel_values"], batch["labels"]):
-            pixel_values = normalize_on_device(pixels[None].to(accelerator.device))
+            pixel_values = processor.normalize_uint8(pixels[None].to(accelerator.device))
             with accelerator.autocast():
-                if cfg.eval_mode == "slide":
-                    logits = slide_inference(model, pixel_values, cfg.crop_size, cfg.eval_stride)
-                else:
-                    logits = whole_inference(model, pixel_values, multiple=2 * patch)
-            prediction = predict_label_map(logits, tuple(label.shape)).cpu().numpy()
+                outputs = model(pixel_values=pixel_values)  # eval mode: the config's slide / whole inference
+            prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[tuple(label.shape)])
+            prediction = prediction[0].cpu().numpy()
             parts = mean_iou.intersect_and_union(prediction, label.numpy(), cfg.num_labels, IGNORE_INDEX)
             areas += torch.from_numpy(np.stack(parts)).to(areas)
     areas = accelerator.reduce(areas, reduction="sum").cpu().numpy()
@@ -382,13 +398,22 @@ ViT encoder, fine-tuned with `scripts/segment.py` of modeling_mae on **{{ datase
 | evaluation | {{ eval_mode }}, crop {{ crop_size }} |
 | training | {{ steps }} iterations, batch {{ effective_batch }}, lr {{ lr }}, layer decay {{ layer_decay }} |
 
+The saved image processor and model run the evaluation that gave these numbers: the image rescaled
+(aspect ratio kept) to fit {{ test_scale }}, `test_mode: {{ eval_mode }}` inference (sliding windows are
+{{ crop_size }} pixels, {{ eval_stride }} apart), the logits resized to the image before the argmax.
+
 ```python
 import torch
-from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
 
-processor = AutoImageProcessor.from_pretrained("{{ repo_id }}")
-model = AutoModelForSemanticSegmentation.from_pretrained("{{ repo_id }}", trust_remote_code=True)
-logits = model(**processor(images=image, return_tensors="pt")).logits  # (1, {{ num_labels }}, H, W)
+segmenter = pipeline("image-segmentation", model="{{ repo_id }}", trust_remote_code=True)
+masks = segmenter(image)  # [{"label": ..., "mask": PIL image of the input's size}, ...]
+
+processor = AutoImageProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+model = AutoModelForSemanticSegmentation.from_pretrained("{{ repo_id }}", trust_remote_code=True).eval()
+with torch.no_grad():
+    outputs = model(**processor(images=image, return_tensors="pt"))
+label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[(image.height, image.width)])[0]
 ```
 
 Per-class IoU at the best step (%; "-" = class in neither predictions nor annotations):
@@ -426,6 +451,7 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
         data, template_str=MODEL_CARD, model_name=Path(cfg.hub_model_id or cfg.output_dir).name,
         dataset=cfg.data_dir or cfg.dataset_name, out_indices=list(cfg.out_indices), eval_mode=cfg.eval_mode,
         strides=", ".join(f"{s:g}" for s in pyramid_strides(unwrapped)), crop_size=cfg.crop_size,
+        eval_stride=cfg.eval_stride, test_scale=tuple(cfg.base_scale),
         lr=cfg.learning_rate, layer_decay=cfg.layer_decay, num_labels=cfg.num_labels,
         repo_id=cfg.hub_model_id or cfg.output_dir, config_yaml=to_yaml(cfg), **card_values,
     )
@@ -501,7 +527,8 @@ def main(argv=None) -> dict:
     if cfg.max_eval_samples is not None:
         eval_split = eval_split.select(range(min(cfg.max_eval_samples, len(eval_split))))
     columns = dict(
-        image_column=cfg.image_column_name, label_column=cfg.label_column_name, reduce_labels=cfg.reduce_labels
+        image_column=cfg.image_column_name, label_column=cfg.label_column_name, reduce_labels=cfg.reduce_labels,
+        num_labels=cfg.num_labels,
     )
     train_set = SegmentationDataset(
         train_split,

@@ -240,6 +240,7 @@ def test_ade_folder_reduce_labels(tmp_path):
     Image.fromarray(np.array([[0, 1], [3, 255]], dtype=np.uint8), mode="L").save(
         tmp_path / "annotations/validation/ADE_validation_00000000.png"
     )
+    Image.new("RGB", (2, 2)).save(tmp_path / "images/validation/ADE_validation_00000000.jpg")  # the mask's size
     split = load_segmentation_split("validation", data_dir=str(tmp_path))
     assert split.column_names == ["image", "annotation"]
     raw = SegmentationDataset(split, transform=lambda image: image, reduce_labels=False, train=False)[0]["labels"]

@@ -17,7 +17,9 @@ Augmentation (mmseg / BEiT ADE20K pipeline), on PIL images, uint8 until the devi
     photometric    brightness / contrast / saturation / hue jitter (torchvision ColorJitter)
     pad            to 512 x 512: image 0, label 255
 Evaluation resizes the image to fit (2048, 512) and predicts on 512 x 512 sliding windows (stride 341)
-or on the whole image; the logits are resized to the original annotation before the argmax.
+or on the whole image; the logits are resized to the original annotation before the argmax. Those steps
+live with the exported model (`MAESegmentationImageProcessor`, `MAEUperNetForSemanticSegmentation`'s
+forward) and are imported here, so the exported pipeline scores what the script reports.
 """
 
 from __future__ import annotations
@@ -35,13 +37,22 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+# The evaluation steps the exported model and image processor run too: one implementation, re-exported here.
+from ..image_processing_mae_segmentation import (  # noqa: F401
+    ADE20K_TEST_SCALE,
+    IGNORE_INDEX,
+    predict_label_map,
+    reduce_labels,
+    rescale_size,
+    resize_uint8,
+)
+from ..modeling_mae_backbone import slide_inference, whole_inference  # noqa: F401
 from .transforms import pil_to_uint8, to_rgb
 
 
 logger = logging.getLogger(__name__)
 
 
-IGNORE_INDEX = 255
 ADE_SPLIT_DIRS = {"train": ("training", "train"), "validation": ("validation", "val")}
 
 
@@ -55,11 +66,6 @@ def annotation_to_array(annotation: Image.Image) -> np.ndarray:
             f"annotation images must hold one class id per pixel (mode L, P, I or I;16), got mode {annotation.mode!r}"
         )
     return np.asarray(annotation).astype(np.int64)
-
-
-def reduce_labels(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """ADE20K's convention: 0 ("other") -> ignore_index, class c -> c - 1; ignore_index stays."""
-    return np.where((label == 0) | (label == ignore_index), ignore_index, label - 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,12 +140,6 @@ def check_columns(dataset, image_column: str, label_column: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Augmentation
 # --------------------------------------------------------------------------------------------------
-def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmseg's keep-ratio rescale: the largest (h, w) with long side <= max(scale), short side <= min(scale)."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
-
-
 def crop_window(label: np.ndarray, crop: int, cat_max_ratio: float, ignore_index: int, tries: int = 10, rng=random):
     """Top-left corner of a random crop x crop window in which no class covers more than `cat_max_ratio`
     of the labelled pixels (mmseg's RandomCrop); the last try is kept if none qualifies."""
@@ -214,15 +214,14 @@ class SegTrainTransform:
 
 
 class SegEvalTransform:
-    """PIL image -> uint8 (3, h, w) resized (keep ratio) to fit `scale`; the label stays at full size."""
+    """PIL image -> uint8 (3, h, w) resized (keep ratio) to fit `scale`; the label stays at full size.
+    The exported image processor's own resize (`resize_uint8`), so the two cannot drift."""
 
-    def __init__(self, scale: tuple[int, int] = (2048, 512)):
+    def __init__(self, scale: tuple[int, int] = ADE20K_TEST_SCALE):
         self.scale = tuple(scale)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = to_rgb(image)
-        size = rescale_size(image.height, image.width, self.scale)
-        return pil_to_uint8(TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True))
+        return resize_uint8(image, self.scale)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -232,11 +231,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     whatever the DataLoader workers or prefetching did before (`set_epoch` before each epoch)."""
 
     def __init__(self, source, transform, image_column="image", label_column="annotation", reduce_labels=True,
-                 train=True, ignore_index=IGNORE_INDEX, seed: int = 0):
+                 train=True, ignore_index=IGNORE_INDEX, seed: int = 0, num_labels: int | None = None):
         check_columns(source, image_column, label_column)
         self.source, self.transform, self.train = source, transform, train
         self.image_column, self.label_column = image_column, label_column
         self.reduce_labels, self.ignore_index = reduce_labels, ignore_index
+        self.num_labels = num_labels  # None: class ids are not checked
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -261,6 +261,38 @@ class SegmentationDataset(torch.utils.data.Dataset):
                            index, type(err).__name__, err)
             return None
 
+    def file_name(self, index: int, column: str) -> str:
+        """The file an example's image or annotation came from, for error messages (else "example i")."""
+        try:
+            import datasets
+
+            raw = self.source.cast_column(column, datasets.Image(decode=False))[int(index)][column]
+            if raw.get("path"):
+                return str(raw["path"])
+        except Exception:  # not a `datasets` Image column: name the example instead
+            pass
+        return f"example {index} of the {'training' if self.train else 'evaluation'} split"
+
+    def check_annotation(self, index: int, image, raw: np.ndarray) -> None:
+        """An annotation must cover its image pixel for pixel (one class id per image pixel)."""
+        width, height = image.size if isinstance(image, Image.Image) else (raw.shape[1], raw.shape[0])
+        if raw.shape != (height, width):
+            raise ValueError(
+                f"annotation {self.file_name(index, self.label_column)} is {raw.shape[1]}x{raw.shape[0]} (width x "
+                f"height) but its image {self.file_name(index, self.image_column)} is {width}x{height}"
+            )
+
+    def check_class_ids(self, index: int, raw: np.ndarray, label: np.ndarray) -> None:
+        """Every class id (after `reduce_labels`) is in 0..num_labels-1 or the ignore index."""
+        bad = (label != self.ignore_index) & ((label < 0) | (label >= self.num_labels))
+        if bad.any():
+            expected = (f"0 ('other'), 1..{self.num_labels} or {self.ignore_index} (reduce_labels=True)"
+                        if self.reduce_labels else f"0..{self.num_labels - 1} or {self.ignore_index}")
+            raise ValueError(
+                f"annotation {self.file_name(index, self.label_column)} holds class id {int(raw[bad].max())}; "
+                f"expected {expected} for num_labels={self.num_labels}"
+            )
+
     def __getitem__(self, index: int) -> dict:
         """{"pixel_values", "labels", "skipped": [unreadable indices passed over]}. An unreadable
         training example is replaced by the next readable one (batches keep their size, resume stays
@@ -278,9 +310,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if self.train:
                 raise ValueError(f"none of the {len(self.source)} training examples can be decoded")
             return {"skipped": skipped}
-        label = annotation_to_array(example[self.label_column])
-        if self.reduce_labels:
-            label = reduce_labels(label, self.ignore_index)
+        raw = annotation_to_array(example[self.label_column])
+        self.check_annotation(used, example[self.image_column], raw)
+        label = reduce_labels(raw, self.ignore_index) if self.reduce_labels else raw
+        if self.num_labels is not None:
+            self.check_class_ids(used, raw, label)
         if self.train:
             pixels, label_t = self.transform(example[self.image_column], label, seed=self.sample_seed(used))
         else:
@@ -302,51 +336,6 @@ def collate_eval(examples: list[dict]) -> dict:
     readable = [e for e in examples if "pixel_values" in e]
     return {"pixel_values": [e["pixel_values"] for e in readable], "labels": [e["labels"] for e in readable],
             "num_skipped": sum(len(e["skipped"]) for e in examples)}
-
-
-# --------------------------------------------------------------------------------------------------
-# Inference
-# --------------------------------------------------------------------------------------------------
-def _pad_to(pixel_values: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    return F.pad(pixel_values, (0, width - pixel_values.shape[-1], 0, height - pixel_values.shape[-2]))
-
-
-def whole_inference(model, pixel_values: torch.Tensor, multiple: int) -> torch.Tensor:
-    """(1, 3, h, w) normalised -> (1, num_labels, h, w) logits; padded to a multiple of `multiple` for the model."""
-    height, width = pixel_values.shape[-2:]
-    padded = _pad_to(pixel_values, -(-height // multiple) * multiple, -(-width // multiple) * multiple)
-    return model(pixel_values=padded).logits[..., :height, :width]
-
-
-def slide_inference(model, pixel_values: torch.Tensor, crop: int, stride: int, batch_size: int = 8) -> torch.Tensor:
-    """(1, 3, h, w) normalised -> (1, num_labels, h, w) logits averaged over crop x crop windows
-    `stride` apart (the last window of a row / column is aligned to the border; smaller images are padded)."""
-    height, width = pixel_values.shape[-2:]
-    rows = max(height - crop + stride - 1, 0) // stride + 1
-    cols = max(width - crop + stride - 1, 0) // stride + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
-            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    logits = counts = None
-    for start in range(0, len(boxes), batch_size):
-        chunk = boxes[start : start + batch_size]
-        windows = torch.cat([_pad_to(pixel_values[..., y1:y2, x1:x2], crop, crop) for y1, y2, x1, x2 in chunk])
-        out = model(pixel_values=windows).logits.float()
-        if logits is None:
-            logits = out.new_zeros(1, out.shape[1], height, width)
-            counts = out.new_zeros(1, 1, height, width)
-        for window_logits, (y1, y2, x1, x2) in zip(out, chunk):
-            logits[0, :, y1:y2, x1:x2] += window_logits[:, : y2 - y1, : x2 - x1]
-            counts[0, :, y1:y2, x1:x2] += 1
-    return logits / counts
-
-
-def predict_label_map(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(1, num_labels, h, w) logits -> (H, W) class ids at the annotation's size (bilinear, then argmax)."""
-    logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
-    return logits[0].argmax(dim=0)
 
 
 # --------------------------------------------------------------------------------------------------
