@@ -23,6 +23,7 @@ from pretrain_helpers import import_pretrain, tiny_args
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE32 = {"height": 32, "width": 32}  # the model's input (mae-tiny); `size=32` works too, tested on its own
 
 
 def training_eval(cell, fmt: PixelFormat, mean, std, size=32, crop_pct=224 / 256) -> torch.Tensor:
@@ -93,7 +94,7 @@ def test_three_band_uint16_at_30_percent_of_range_normalises_to_zero():
     """The issue's case: a constant 3-band uint16 array at 30 % of the range, mean 0.3, std 0.1. By hand:
     (19661 / 65535 - 0.3) / 0.1 = 7.63e-5 (19661 is the nearest integer to 0.3 * 65535), i.e. 0.0, not
     the 7.0 of an 8-bit processor; 20 % (13107 = 0.2 * 65535 exactly) with mean 0.2 gives 0.0."""
-    processor = MAEImageProcessor(size=32, num_channels=3, pixel_dtype="uint16", image_mean=[0.3] * 3, image_std=[0.1] * 3)
+    processor = MAEImageProcessor(size=SIZE32, num_channels=3, pixel_dtype="uint16", image_mean=[0.3] * 3, image_std=[0.1] * 3)
     out = processor(np.full((40, 48, 3), 19661, np.uint16), return_tensors="pt")["pixel_values"]
     assert out.shape == (1, 3, 32, 32)
     torch.testing.assert_close(out, torch.full_like(out, (19661 / 65535 - 0.3) / 0.1), atol=1e-6, rtol=0)
@@ -105,7 +106,7 @@ def test_three_band_uint16_at_30_percent_of_range_normalises_to_zero():
 def test_float_bands_scale_by_the_configured_range():
     """4 float32 bands, pixel_range [-1, 3]: 1.0 -> (1 - -1) / 4 = 0.5 -> (0.5 - 0.25) / 0.5 = 0.5; 3.0 -> 1.5.
     The image's own min / max never enter (a constant image would divide by zero)."""
-    processor = MAEImageProcessor(size=32, num_channels=4, pixel_dtype="float32", pixel_range=[-1, 3],
+    processor = MAEImageProcessor(size=SIZE32, num_channels=4, pixel_dtype="float32", pixel_range=[-1, 3],
                                   image_mean=0.25, image_std=0.5)
     assert processor.rescale_factor == 0.25
     array = np.ones((36, 36, 4), np.float32)
@@ -139,7 +140,7 @@ def test_processor_equals_training_evaluation_on_every_format(name):
     image = make()
     mean = [0.2 + 0.1 * c for c in range(fmt.num_channels)]
     std = [0.05 + 0.02 * c for c in range(fmt.num_channels)]
-    processor = MAEImageProcessor(size=32, num_channels=fmt.num_channels, pixel_dtype=fmt.dtype,
+    processor = MAEImageProcessor(size=SIZE32, num_channels=fmt.num_channels, pixel_dtype=fmt.dtype,
                                   pixel_range=list(fmt.value_range), image_mean=mean, image_std=std)
     served = processor(image, return_tensors="pt")["pixel_values"]
     assert served.shape == (1, fmt.num_channels, 32, 32) and served.dtype == torch.float32
@@ -151,7 +152,7 @@ def test_one_image_in_every_container_gives_the_same_pixels():
     """A 16-bit image as PIL I;16, numpy (H, W), numpy (H, W, 1), tensor (1, H, W), and a channels-first
     array with input_data_format: the same pixel_values."""
     array = smooth((45, 71, 1), 3000, 41000)[..., 0]
-    processor = MAEImageProcessor(size=32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
+    processor = MAEImageProcessor(size=SIZE32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
     reference = processor(Image.fromarray(array), return_tensors="pt")["pixel_values"]
     for image, data_format in ((array, None), (array[..., None], None), (torch.from_numpy(array.astype(np.int32)).to(torch.uint16)[None], None),
                                (array[None], "channels_first")):
@@ -160,7 +161,7 @@ def test_one_image_in_every_container_gives_the_same_pixels():
 
 
 def test_wrong_channels_or_dtype_is_one_line_naming_both():
-    processor = MAEImageProcessor(size=32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
+    processor = MAEImageProcessor(size=SIZE32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
     rgb = Image.new("RGB", (40, 40))
     with pytest.raises(ValueError, match=r"^the image has 3 channel\(s\) of uint8, but this processor expects 1 "
                                          r"channel\(s\) of uint16 \(transformers' pipelines convert"):
@@ -183,13 +184,13 @@ def test_return_tensors_none_returns_what_vit_image_processor_returns():
 
     images = [Image.new("RGB", (50, 40), (10, 200, 30)), Image.new("RGB", (40, 64), (90, 0, 250))]
     vit = ViTImageProcessor(size={"height": 32, "width": 32})(images, return_tensors=None)["pixel_values"]
-    ours = MAEImageProcessor(size=32)(images, return_tensors=None)["pixel_values"]
+    ours = MAEImageProcessor(size=SIZE32)(images, return_tensors=None)["pixel_values"]
     assert type(ours) is type(vit) is list and len(ours) == 2
     assert all(type(o) is type(v) is torch.Tensor and o.shape == v.shape == (3, 32, 32) and o.dtype == v.dtype
                for o, v in zip(ours, vit))
-    stacked = MAEImageProcessor(size=32)(images, return_tensors="pt")["pixel_values"]
+    stacked = MAEImageProcessor(size=SIZE32)(images, return_tensors="pt")["pixel_values"]
     assert torch.equal(stacked, torch.stack(ours))
-    as_np = MAEImageProcessor(size=32)(images, return_tensors="np")["pixel_values"]
+    as_np = MAEImageProcessor(size=SIZE32)(images, return_tensors="np")["pixel_values"]
     assert isinstance(as_np, np.ndarray) and as_np.shape == (2, 3, 32, 32) and np.array_equal(as_np, stacked.numpy())
 
 
@@ -233,7 +234,7 @@ def test_preprocess_keywords_are_honoured(rgb):
 def test_save_load_round_trips_the_pixel_format_and_old_configs_are_rgb8(tmp_path):
     from transformers import AutoImageProcessor
 
-    processor = MAEImageProcessor(size=32, crop_pct=0.9, num_channels=4, pixel_dtype="float32", pixel_range=[-1, 3],
+    processor = MAEImageProcessor(size=SIZE32, crop_pct=0.9, num_channels=4, pixel_dtype="float32", pixel_range=[-1, 3],
                                   image_mean=[0.1, 0.2, 0.3, 0.4], image_std=[1, 2, 3, 4])
     processor.save_pretrained(tmp_path / "p")
     saved = json.loads((tmp_path / "p" / "preprocessor_config.json").read_text())
@@ -324,7 +325,7 @@ def test_pipelines_take_16bit_images_as_arrays_and_refuse_them_as_8bit_rgb(tmp_p
 
     config = MAEConfig.from_preset("mae-tiny", num_channels=1, num_labels=2)
     model = MAEForImageClassification(config).eval()
-    processor = MAEImageProcessor(size=32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
+    processor = MAEImageProcessor(size=SIZE32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
     array = smooth((45, 71, 1), 3000, 41000)[..., 0]
     classify = pipeline("image-classification", model=model, image_processor=processor)
     with pytest.raises(ValueError, match=r"the image has 3 channel\(s\) of uint8, but this processor expects 1 channel\(s\) of uint16"):
@@ -337,3 +338,38 @@ def test_pipelines_take_16bit_images_as_arrays_and_refuse_them_as_8bit_rgb(tmp_p
     features = pipeline("image-feature-extraction", model=MAEForPreTraining(config).mae, image_processor=processor)
     with pytest.raises(ValueError, match=r"the image has 3 channel\(s\) of uint8"):
         features(Image.fromarray(array))
+
+
+def test_remote_code_processor_serves_16bit_without_modeling_mae(tmp_path):
+    """The processor file copied beside the weights (trust_remote_code, modeling_mae not importable) gives
+    a 16-bit gray image the same pixel_values as the installed class."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model = MAEForPreTraining(MAEConfig.from_preset("mae-tiny", num_channels=1))
+    processor = MAEImageProcessor(size=SIZE32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
+    model.save_pretrained(tmp_path / "m", image_processor=processor)
+    assert (tmp_path / "m" / "image_processing_mae.py").is_file()
+    array = smooth((45, 71, 1), 3000, 41000)[..., 0]
+    np.save(tmp_path / "x.npy", array)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["modeling_mae"] = None  # the package is installed editable here: hide it
+        import numpy as np, torch
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True)
+        assert type(processor).__module__ != "modeling_mae.image_processing_mae", type(processor).__module__
+        torch.save(processor(np.load({str(tmp_path / "x.npy")!r}), return_tensors="pt")["pixel_values"], {str(tmp_path / "out.pt")!r})
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+             "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    served = torch.load(tmp_path / "out.pt")
+    assert served.shape == (1, 1, 32, 32)
+    assert torch.equal(served, processor(array, return_tensors="pt")["pixel_values"])
