@@ -181,8 +181,13 @@ def scale_by_range(array: np.ndarray, value_range: tuple[float, float]) -> torch
     """(H, W, C) array in its own dtype -> (C, H, W) float32 (x - low) / (high - low), with the dataset's
     range (the bit depth's or configured), never the image's own min / max."""
     low, high = value_range
-    pixels = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32, copy=False)).permute(2, 0, 1)
-    return (pixels - low) / (high - low)
+    return (float32_channels_first(array) - low) / (high - low)
+
+
+def float32_channels_first(array: np.ndarray) -> torch.Tensor:
+    """(H, W, C) array -> (C, H, W) float32 view of a fresh copy (PIL hands out read-only buffers, which
+    torch warns about)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32, order="C")).permute(2, 0, 1)
 
 
 def _to_pil(image) -> Image.Image:
@@ -254,7 +259,8 @@ def _pixel_format(num_channels, pixel_dtype, pixel_range) -> tuple[str | None, t
         except TypeError:
             canonical = None
         if canonical != pixel_dtype:
-            raise ValueError(f"`pixel_dtype` must be a numpy dtype name (uint8, uint16, float32, ...), got {pixel_dtype!r}")
+            raise ValueError(f"`pixel_dtype` must be a numpy dtype name (uint8, uint16, float32, ...), "
+                             f"got {pixel_dtype!r}")
     if pixel_range is None:
         dtype = pixel_dtype or "uint8"
         if dtype not in BIT_DEPTH_RANGES:
@@ -368,19 +374,21 @@ class MAEImageProcessor(BaseImageProcessor):
             )
         if do_rescale:
             return scale_by_range(array, tuple(self.pixel_range))
-        return torch.from_numpy(np.ascontiguousarray(array).astype(np.float32, copy=False)).permute(2, 0, 1)
+        return float32_channels_first(array)
 
     # ---- the batch ---------------------------------------------------------------------------------
     def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
-        """An image or a list of images -> {"pixel_values": ...} normalised float32 (C, H, W) per image:
-        a list of tensors for `return_tensors=None` (as transformers' `ViTImageProcessor`), one
+        """An image, a list of images or a 4-D batch -> {"pixel_values": ...}, normalised float32 (C, H, W)
+        per image: a list of tensors for `return_tensors=None` (as transformers' `ViTImageProcessor`), one
         (N, C, H, W) tensor for "pt", an array for "np".
 
         Keywords (default: the processor's own): size, crop_pct, do_resize, do_center_crop, do_rescale,
         do_normalize, image_mean, image_std, input_data_format ("channels_first" / "channels_last", for
         arrays); any other is refused."""
         opts = self._options(kwargs)
-        if not isinstance(images, (list, tuple)):
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:  # a batch: (N, H, W, C) / (N, C, H, W)
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
             images = [images]
         pixel_values = [self._process(image, opts) for image in images]
         return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)

@@ -154,10 +154,12 @@ def test_one_image_in_every_container_gives_the_same_pixels():
     array = smooth((45, 71, 1), 3000, 41000)[..., 0]
     processor = MAEImageProcessor(size=SIZE32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
     reference = processor(Image.fromarray(array), return_tensors="pt")["pixel_values"]
-    for image, data_format in ((array, None), (array[..., None], None), (torch.from_numpy(array.astype(np.int32)).to(torch.uint16)[None], None),
-                               (array[None], "channels_first")):
+    tensor = torch.from_numpy(array.astype(np.int32)).to(torch.uint16)[None]  # (1, H, W) uint16
+    for image, data_format in ((array, None), (array[..., None], None), (tensor, None), (array[None], "channels_first")):
         out = processor(image, return_tensors="pt", input_data_format=data_format)["pixel_values"]
         assert torch.equal(out, reference), (type(image), image.shape)
+    batch = processor(np.stack([array, array])[..., None], return_tensors="pt")["pixel_values"]  # (N, H, W, C)
+    assert torch.equal(batch, torch.cat([reference, reference]))
 
 
 def test_wrong_channels_or_dtype_is_one_line_naming_both():
@@ -166,7 +168,8 @@ def test_wrong_channels_or_dtype_is_one_line_naming_both():
     with pytest.raises(ValueError, match=r"^the image has 3 channel\(s\) of uint8, but this processor expects 1 "
                                          r"channel\(s\) of uint16 \(transformers' pipelines convert"):
         processor(rgb)
-    with pytest.raises(ValueError, match=r"^the image has 1 channel\(s\) of uint8, but this processor expects 1 channel\(s\) of uint16$"):
+    with pytest.raises(ValueError, match=r"^the image has 1 channel\(s\) of uint8, but this processor expects "
+                                         r"1 channel\(s\) of uint16$"):
         processor(np.zeros((40, 40), np.uint8))
     with pytest.raises(ValueError, match=r"`image_mean` has 3 values but num_channels is 1"):
         MAEImageProcessor(num_channels=1, image_mean=[0.5] * 3, image_std=[0.2])
@@ -211,7 +214,8 @@ def test_preprocess_keywords_are_honoured(rgb):
 
     assert torch.equal(call(size=16), MAEImageProcessor(size=16, **kwargs)(image, return_tensors="pt")["pixel_values"])
     assert call(size=(16, 24)).shape[-2:] == (16, 24) and call(size={"height": 8, "width": 8}).shape[-2:] == (8, 8)
-    assert torch.equal(call(crop_pct=1.0), MAEImageProcessor(size=32, crop_pct=1.0, **kwargs)(image, return_tensors="pt")["pixel_values"])
+    uncropped = MAEImageProcessor(size=32, crop_pct=1.0, **kwargs)(image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(call(crop_pct=1.0), uncropped)
     mean, std = torch.tensor(processor.image_mean).view(1, -1, 1, 1), torch.tensor(processor.image_std).view(1, -1, 1, 1)
     # no resize: the centre 32 x 32 of the 40 x 52 image (rows 4..35, columns 10..41), rescaled by hand
     raw = torch.from_numpy(array[4:36, 10:42].astype(np.float32)).permute(2, 0, 1)[None]
@@ -238,7 +242,8 @@ def test_save_load_round_trips_the_pixel_format_and_old_configs_are_rgb8(tmp_pat
                                   image_mean=[0.1, 0.2, 0.3, 0.4], image_std=[1, 2, 3, 4])
     processor.save_pretrained(tmp_path / "p")
     saved = json.loads((tmp_path / "p" / "preprocessor_config.json").read_text())
-    assert (saved["num_channels"], saved["pixel_dtype"], saved["pixel_range"], saved["rescale_factor"]) == (4, "float32", [-1.0, 3.0], 0.25)
+    written = (saved["num_channels"], saved["pixel_dtype"], saved["pixel_range"], saved["rescale_factor"])
+    assert written == (4, "float32", [-1.0, 3.0], 0.25)
     loaded = AutoImageProcessor.from_pretrained(tmp_path / "p")
     assert type(loaded) is MAEImageProcessor and loaded.to_dict() == processor.to_dict()
     array = smooth((40, 40, 4), -1, 3, dtype=np.float32)
@@ -328,7 +333,8 @@ def test_pipelines_take_16bit_images_as_arrays_and_refuse_them_as_8bit_rgb(tmp_p
     processor = MAEImageProcessor(size=SIZE32, num_channels=1, pixel_dtype="uint16", image_mean=[0.3], image_std=[0.1])
     array = smooth((45, 71, 1), 3000, 41000)[..., 0]
     classify = pipeline("image-classification", model=model, image_processor=processor)
-    with pytest.raises(ValueError, match=r"the image has 3 channel\(s\) of uint8, but this processor expects 1 channel\(s\) of uint16"):
+    with pytest.raises(ValueError, match=r"the image has 3 channel\(s\) of uint8, but this processor expects 1 "
+                                         r"channel\(s\) of uint16"):
         classify(Image.fromarray(array))
     with torch.no_grad():
         logits = model(processor(array, return_tensors="pt")["pixel_values"]).logits[0]
