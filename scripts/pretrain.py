@@ -191,6 +191,7 @@ from modeling_mae.training.export import (  # noqa: E402
     HubPushError,
     check_hub_access,
     export_model,
+    pixel_format_image_processor,
     push_to_hub,
     write_model_card,
 )
@@ -424,22 +425,6 @@ def write_reconstruction(model, images: torch.Tensor, path: Path, seed: int,
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
-
-
-def image_processor_for(model, pixel_format: PixelFormat, stats):
-    """The model's image processor with the data's statistics, channel count and scaling: pixels are
-    rescaled by 1 / (high - low) of the dataset's range (low must be 0 for the processor) and normalised
-    with the training mean / std."""
-    processor = model.default_image_processor()
-    low, high = pixel_format.value_range
-    processor.image_mean, processor.image_std = list(stats[0]), list(stats[1])
-    processor.rescale_factor = 1.0 / (high - low)
-    processor.num_channels = pixel_format.num_channels
-    processor.pixel_range = [low, high]
-    if low != 0:
-        logger.warning("pixel_range starts at %g: the saved image processor rescales by 1/%g but cannot subtract %g",
-                       low, high - low, low)
-    return processor
 
 
 @torch.no_grad()
@@ -719,7 +704,7 @@ def main(argv=None) -> int:
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
         export_model(unwrapped, output_dir, state_dict=full_state_dict,
-                     image_processor=image_processor_for(unwrapped, pixel_format, stats))
+                     image_processor=pixel_format_image_processor(unwrapped, pixel_format, *stats[:2]))
         write_model_card(
             output_dir,
             card_data={

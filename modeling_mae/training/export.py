@@ -1,6 +1,7 @@
 """Export a trained model: `save_pretrained`, the image processor, a model card, and the Hub.
 
     export_model(model, output_dir, image_processor=None)          # weights, config, code, processor
+    pixel_format_image_processor(model, pixel_format, mean, std)  # the processor for the data trained on
     write_model_card(output_dir, card_data=..., **template_values)  # README.md from model_card.md
     check_hub_access(hub_model_id, token=None, private=None)      # before training: login + repo
     push_to_hub(output_dir, hub_model_id, include_checkpoints=False)
@@ -83,6 +84,26 @@ def export_model(
         model.save_pretrained(output_dir, image_processor=image_processor, state_dict=state_dict, is_main_process=True)
         give_weights_usual_mode(output_dir)  # safetensors writes 0600; every other file is 0644 (umask)
     return output_dir
+
+
+def pixel_format_image_processor(model, pixel_format, mean, std, crop_pct: float | None = None):
+    """`MAEImageProcessor` sized to the model for the data it was trained on: the evaluation transform
+    (shorter side to size / crop_pct, centre crop) on that pixel format (`pixels.PixelFormat`: channels,
+    dtype, value range) with the training mean / std, so that serving decodes, scales and normalises the
+    dataset's files as training did. 8-bit RGB data gives the model's default processor with `mean` / `std`."""
+    from ..image_processing_mae import DEFAULT_CROP_PCT, MAEImageProcessor
+
+    height, width = model.config.image_hw
+    low, high = pixel_format.value_range
+    return MAEImageProcessor(
+        size={"height": height, "width": width},
+        crop_pct=DEFAULT_CROP_PCT if crop_pct is None else crop_pct,
+        image_mean=list(mean),
+        image_std=list(std),
+        num_channels=pixel_format.num_channels,
+        pixel_dtype=pixel_format.dtype,
+        pixel_range=[low, high],
+    )
 
 
 def unsharded_model(model, state_dict: dict | None):

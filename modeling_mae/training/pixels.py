@@ -10,6 +10,7 @@ RGB photographs (8-bit, 3 channels) keep the uint8 path of `transforms.py` untou
     pixels = fmt.to_float(array)                # (C, H, W) float32 = (x - low) / (high - low), the
                                                 # dataset's range (bit depth or configured), not the image's
     ArrayTrainTransform(size)(pixels)           # RandomResizedCrop + flip on the float tensor
+    ArrayEvalTransform(size, crop_pct)(pixels)  # evaluation: shorter side, centre crop (as EvalTransform)
 
 Arrays are channels-last: a `.npy` holds (H, W) or (H, W, C); a TIFF's sample axis (`S` / `C` in
 tifffile's axes) is moved last, and a TIFF without a named sample axis is read as (H, W, C) too.
@@ -31,13 +32,20 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+# decoding a PIL image, the scaling and the evaluation geometry live beside the exported image processor,
+# which runs them at serving time: one implementation for training and serving
+from ..image_processing_mae import (  # noqa: F401 (SINGLE_CHANNEL_MODES, BIT_DEPTH_RANGES re-exported)
+    BIT_DEPTH_RANGES,
+    SINGLE_CHANNEL_MODES,
+    eval_resize_size,
+    pil_to_array,
+    resize_and_center_crop_tensor,
+    scale_by_range,
+)
+
 
 NPY_MAGIC = b"\x93NUMPY"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-# PIL modes read as they are (one channel, the file's integer / float type)
-SINGLE_CHANNEL_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16,
-                        "I;16N": np.uint16, "I": np.int32, "F": np.float32}
-BIT_DEPTH_RANGES = {"uint8": (0.0, 255.0), "uint16": (0.0, 65535.0)}
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +135,8 @@ def _tiff_needs_tifffile(data: bytes) -> bool:
 
 
 def _pil_array(image: Image.Image) -> np.ndarray:
-    from .transforms import to_rgb
-
-    if image.mode in SINGLE_CHANNEL_MODES:
-        return np.asarray(image, dtype=SINGLE_CHANNEL_MODES[image.mode])
-    return np.asarray(to_rgb(image), dtype=np.uint8)
+    """`L`, `I;16`, `I`, `F` as stored, every other mode as 8-bit RGB (`image_processing_mae.pil_to_array`)."""
+    return pil_to_array(image)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,9 +167,7 @@ class PixelFormat:
 
     def to_float(self, array: np.ndarray) -> torch.Tensor:
         """(H, W, C) array -> (C, H, W) float32 scaled by the dataset's range (never by the image's)."""
-        low, high = self.value_range
-        pixels = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32, copy=False)).permute(2, 0, 1)
-        return (pixels - low) / (high - low)
+        return scale_by_range(array, self.value_range)
 
     def describe(self) -> str:
         low, high = self.value_range
@@ -261,6 +264,24 @@ class ArrayTrainTransform:
     def __repr__(self):
         s = self._sampler
         return f"ArrayTrainTransform(size={s.size}, scale={s.scale}, ratio={s.ratio}, hflip={s.hflip})"
+
+
+class ArrayEvalTransform:
+    """Shorter side -> round(min(size) / crop_pct) (bicubic, antialiased), the longer one in proportion,
+    centre crop of `size`: the geometry of `transforms.EvalTransform` on a float (C, H, W) tensor, any
+    channel count. The exported image processor runs the same function (`resize_and_center_crop_tensor`)."""
+
+    def __init__(self, size, crop_pct: float = 224 / 256):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
+        self.crop_pct = float(crop_pct)
+        eval_resize_size(self.size, self.crop_pct)  # validates crop_pct
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float (C, H, W) scaled by the dataset's range (`PixelFormat.to_float`) -> float (C, *size)."""
+        return resize_and_center_crop_tensor(pixels, self.size, self.crop_pct)
+
+    def __repr__(self):
+        return f"ArrayEvalTransform(size={self.size}, crop_pct={self.crop_pct})"
 
 
 # --------------------------------------------------------------------------------------------------
