@@ -62,3 +62,44 @@ def test_encoder_features_are_the_unmasked_encoders_and_leave_the_rng_alone():
     hidden = model.mae(pixels).last_hidden_state
     assert hidden.shape[1] == 1 + model.config.num_patches  # every patch encoded
     assert torch.equal(features["cls"], hidden[:, 0]) and torch.allclose(features["mean"], hidden[:, 1:].mean(1))
+
+
+class _ColourEncoder(torch.nn.Module):
+    """A stand-in encoder whose CLS feature is the image's mean colour (and patch tokens its pixels)."""
+
+    def forward(self, pixel_values, return_dict=True):
+        from types import SimpleNamespace
+
+        cls = pixel_values.mean(dim=(2, 3))[:, None]
+        tokens = pixel_values.flatten(2).transpose(1, 2)[:, :4]
+        return SimpleNamespace(last_hidden_state=torch.cat([cls, tokens], dim=1))
+
+
+def _colour_folder(root, split, per_class, seed):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    for name, colour in colours.items():
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.integers(-20, 20, (16, 16, 3))
+            Image.fromarray((np.array(colour) + noise).clip(0, 255).astype("uint8")).save(folder / f"{i}.png")
+
+
+def test_knn_evaluation_loads_both_splits_and_scores_the_queries(tmp_path):
+    from modeling_mae.training.knn import knn_evaluate, load_knn_sets
+    from modeling_mae.training.transforms import normalize_on_device
+
+    _colour_folder(tmp_path, "train", 6, 0)
+    _colour_folder(tmp_path, "val", 3, 1)
+    bank, queries, classes = load_knn_sets((str(tmp_path), "train"), (str(tmp_path), "validation"), 100, 100, 16)
+    assert classes == ["blue", "green", "red"] and (len(bank), len(queries)) == (18, 9)
+    results = knn_evaluate(_ColourEncoder(), bank, queries, normalize_on_device, batch_size=4, k=5)
+    assert results == {"knn/cls_top1": 100.0, "knn/mean_top1": 100.0}
+    # two processes' shares together are the whole sample
+    shares = [load_knn_sets((str(tmp_path), "train"), (str(tmp_path), "validation"), 100, 100, 16, rank=r, world_size=2)
+              for r in range(2)]
+    assert sorted(torch.cat([s[0].labels for s in shares]).tolist()) == sorted(bank.labels.tolist())

@@ -16,6 +16,8 @@ The steps, as DINO takes them:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -85,3 +87,141 @@ def encoder_features(encoder, pixel_values: torch.Tensor) -> dict[str, torch.Ten
     "mean" the mean of the final-norm patch tokens."""
     hidden = encoder(pixel_values, return_dict=True).last_hidden_state
     return {"cls": hidden[:, 0], "mean": hidden[:, 1:].mean(dim=1)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation set and the evaluation during pretraining
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LabelledImages:
+    """A fixed labelled sample for k-NN evaluation, decoded once with the evaluation transform and kept in
+    memory: this process's share of it, uint8 (N, 3, H, W) for photographs or float (N, C, H, W) for other
+    pixel formats, and labels numbered by class (the same numbers in the bank and the queries)."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    total: int  # examples drawn, over all processes
+    skipped: int  # undecodable ones among this process's share
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _draw(name_or_dir, split, count, seed, image_column, label_column, dataset_config_name, token):
+    """(dataset, image column, drawn indices, class key of each drawn example): `count` examples at random."""
+    import numpy as np
+
+    from .classification_data import load_map_dataset
+
+    source, image_column, label_column = load_map_dataset(
+        name_or_dir, split, dataset_config_name, image_column, label_column, token=token)
+    if label_column is None:
+        raise ValueError(f"k-NN evaluation needs labels, but {name_or_dir!r} split {split!r} has no label column "
+                         f"(columns: {source.column_names}); set `eval_label_column`")
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(source))[: min(count, len(source))]]
+    names = getattr(source.features.get(label_column), "names", None)
+    raw = source.select(order)[label_column]
+    keys = [names[v] if names is not None else str(v) for v in raw]  # classes by name, across splits
+    return source, image_column, order, keys
+
+
+def _decode_share(source, image_column, indices, labels, image_size, pixel_format, crop_pct) -> LabelledImages:
+    from .data import CorruptImageError, decode_image
+    from .pixels import ArrayEvalTransform, PixelFormatError, decode_array
+    from .transforms import EvalTransform
+
+    rgb = pixel_format is None or pixel_format.is_rgb8
+    transform = EvalTransform(image_size, crop_pct) if rgb else ArrayEvalTransform(image_size, crop_pct)
+    pixels, kept, skipped = [], [], 0
+    for index, label in zip(indices, labels):
+        cell = source[index][image_column]
+        try:
+            if rgb:
+                pixels.append(transform(decode_image(cell)))
+            else:
+                array = decode_array(cell)
+                pixel_format.check(array, f"evaluation image {index}")
+                pixels.append(transform(pixel_format.to_float(array)))
+        except PixelFormatError:
+            raise
+        except (CorruptImageError, OSError, ValueError):
+            skipped += 1
+            continue
+        kept.append(label)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    channels = 3 if rgb else pixel_format.num_channels
+    empty = torch.zeros(0, channels, *size, dtype=torch.uint8 if rgb else torch.float32)
+    return LabelledImages(torch.stack(pixels) if pixels else empty, torch.tensor(kept, dtype=torch.long), len(indices), skipped)
+
+
+def load_knn_sets(bank: tuple[str, str], queries: tuple[str, str], bank_size: int, num_queries: int, image_size,
+                  pixel_format=None, crop_pct: float = 224 / 256, seed: int = 0, rank: int = 0, world_size: int = 1,
+                  image_column=None, label_column=None, dataset_config_name=None, token=None):
+    """The memory bank and the queries, each (name_or_dir, split): `bank_size` / `num_queries` examples drawn
+    at random (seed) from each split, every process decoding its share (drawn examples rank, rank + world,
+    ...), labels numbered by class name over both. Returns (bank, queries, class names)."""
+    drawn = [_draw(name, split, count, seed + offset, image_column, label_column, dataset_config_name, token)
+             for offset, ((name, split), count) in enumerate(((bank, bank_size), (queries, num_queries)))]
+    classes = sorted({key for _, _, _, keys in drawn for key in keys})
+    number = {key: i for i, key in enumerate(classes)}
+    sets = []
+    for source, image_column_, order, keys in drawn:
+        share = slice(rank, None, world_size)
+        sets.append(_decode_share(source, image_column_, order[share], [number[k] for k in keys[share]], image_size,
+                                  pixel_format, crop_pct))
+    return sets[0], sets[1], classes
+
+
+def _gather(tensor: torch.Tensor, accelerator) -> torch.Tensor:
+    """Every process's rows, in process order (shares of unequal size padded for the all-gather)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=accelerator.device)
+    sizes = accelerator.gather(size).tolist()
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=accelerator.device)
+    padded[: tensor.shape[0]] = tensor.to(accelerator.device)
+    gathered = accelerator.gather(padded).view(len(sizes), max(sizes), *tensor.shape[1:])
+    return torch.cat([gathered[i, :n] for i, n in enumerate(sizes)])
+
+
+@torch.no_grad()
+def images_features(encoder, images: LabelledImages, normalize, batch_size: int, device, dtype) -> dict[str, torch.Tensor]:
+    """{"cls", "mean"} float32 features of `images` (this process's share), batched, on `device` under
+    autocast to `dtype` (the run's precision); `normalize` maps a uint8 / float batch to the model's input."""
+    out = {"cls": [], "mean": []}
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images.pixels[start:start + batch_size].to(device, non_blocking=True))
+        with autocast:
+            features = encoder_features(encoder, batch)
+        for name, value in features.items():
+            out[name].append(value.float())
+    return {name: torch.cat(values) if values else torch.zeros(0) for name, values in out.items()}
+
+
+@torch.no_grad()
+def knn_evaluate(encoder, bank: LabelledImages, queries: LabelledImages, normalize, *, batch_size: int = 256,
+                 device="cpu", dtype=torch.float32, accelerator=None, k: int = DEFAULT_K,
+                 temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
+    """k-NN top-1 (and top-5 above 5 classes) of the CLS and mean-pooled features, queries against the bank,
+    over every process's share (gathered): {"knn/cls_top1": ..., "knn/mean_top1": ..., ...} in %.
+
+    The encoder runs in eval mode (no dropout / drop path, no mask, no random numbers drawn) and is put
+    back in the mode it was in, so the training run is the same with or without evaluation."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        bank_features = images_features(encoder, bank, normalize, batch_size, device, dtype)
+        query_features = images_features(encoder, queries, normalize, batch_size, device, dtype)
+    finally:
+        encoder.train(was_training)
+    bank_labels = _gather(bank.labels.to(device), accelerator)
+    query_labels = _gather(queries.labels.to(device), accelerator)
+    num_classes = int(max(bank_labels.max(), query_labels.max()).item()) + 1 if len(bank_labels) and len(query_labels) else 1
+    results = {}
+    for pooling in ("cls", "mean"):
+        scores = knn_scores(_gather(query_features[pooling], accelerator), _gather(bank_features[pooling], accelerator),
+                            bank_labels, num_classes, k, temperature)
+        for name, value in knn_accuracy(scores, query_labels, topk=(1, 5) if num_classes > 5 else (1,)).items():
+            results[f"knn/{pooling}_{name}"] = value
+    return results
