@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +175,7 @@ from modeling_mae.training.optim import (  # noqa: E402
 from modeling_mae.training.runtime import (  # noqa: E402
     GracefulStop,  # noqa: E402
     make_accelerator,
+    optimizer_steps_per_epoch,
     quiet_library_loggers,
     resume_command,  # noqa: E402
     tracker_hparams,  # noqa: E402
@@ -198,8 +198,8 @@ def main(argv=None) -> int:
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_library_loggers()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
-    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to,
+                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     # before anything is written: refuse another run's output directory, check a resumed config
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     groups = layer_decay_param_groups(model, lr, cfg.weight_decay, cfg.layer_decay)
     optimizer = create_optimizer(groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.num_train_epochs
     scheduler = create_scheduler(optimizer, round(cfg.num_warmup_epochs * steps_per_epoch), total_steps,
                                  min_lr=cfg.min_lr)
@@ -258,6 +258,7 @@ def main(argv=None) -> int:
     epoch_loss = EpochLoss()
     if resume is not None:
         state, _ = manager.load(accelerator, resume)
+        accelerator.step = 0  # checkpoints end an optimizer step: count micro-batches afresh (the accumulation may differ)
         bad_train.load_state_dict(state.get("unreadable_train"))
         epoch_loss.load_state_dict(state.get("epoch_loss"))
         logger.info("resumed from %s at step %d", resume, state["step"])
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
         set_train_epoch(train_loader, epoch)
         done_in_epoch = state["step"] - epoch * steps_per_epoch
         loader = train_loader
-        if done_in_epoch > 0:  # resumed mid-epoch: skip the batches already trained on, this epoch only
+        if done_in_epoch > 0:  # resumed mid-epoch: skip the micro-batches already trained on, this epoch only
             loader = accelerator.skip_first_batches(train_loader, done_in_epoch * cfg.gradient_accumulation_steps)
         if state["step"] <= epoch * steps_per_epoch:  # a new epoch, not one resumed mid-way
             epoch_loss.reset()
@@ -320,6 +321,8 @@ def main(argv=None) -> int:
                 path = manager.latest() if saved else save_checkpoint()
                 progress.close()
                 stop.exit(state["step"], path)
+            if state["step"] == (epoch + 1) * steps_per_epoch:
+                break  # the epoch ends after steps_per_epoch optimizer steps (an incomplete group is dropped)
 
         # ---- evaluate every epoch; keep the best model ----------------------------------------------
         model.eval()
