@@ -132,6 +132,7 @@ class FinetuneConfig:
 if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
     parse_config(FinetuneConfig, description=__doc__)
 
+import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
@@ -290,6 +291,7 @@ def main(argv=None) -> int:
             loader = accelerator.skip_first_batches(train_loader, done_in_epoch * cfg.gradient_accumulation_steps)
         if state["step"] <= epoch * steps_per_epoch:  # a new epoch, not one resumed mid-way
             epoch_loss.reset()
+        step_losses = []  # the micro-batches' losses of the step under way
         for pixel_values, labels, used, asked in loader:
             bad_train.record(used, asked)  # unreadable files were replaced by the next readable ones
             with accelerator.accumulate(model):
@@ -304,13 +306,15 @@ def main(argv=None) -> int:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             epoch_loss.add(loss)
+            step_losses.append(loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
+            step_loss, step_losses = torch.stack(step_losses).mean(), []  # the step's loss: its micro-batches' mean
             scheduler.step()
             state["step"] += 1
             progress.update(1)
             if state["step"] % cfg.logging_steps == 0:
-                logs = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[-1]["lr"], "epoch": epoch}
+                logs = {"train/loss": step_loss.item(), "train/lr": optimizer.param_groups[-1]["lr"], "epoch": epoch}
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
                 if cfg.with_tracking:
                     accelerator.log(logs, step=state["step"])

@@ -303,6 +303,7 @@ def main(argv=None) -> int:
         if state["step"] <= epoch * steps_per_epoch:  # a new epoch, not one resumed mid-way
             epoch_loss.reset()
         epoch_end = (epoch + 1) * steps_per_epoch
+        step_losses = []  # the micro-batches' losses of the step under way
         for features, labels in batches:
             features, labels = features.to(accelerator.device), labels.to(accelerator.device)
             if writing_cache:
@@ -315,15 +316,17 @@ def main(argv=None) -> int:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             epoch_loss.add(loss)
+            step_losses.append(loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
+            step_loss, step_losses = torch.stack(step_losses).mean(), []  # the step's loss: its micro-batches' mean
             scheduler.step()
             state["step"] += 1
             progress.update(1)
             if state["step"] % cfg.logging_steps == 0:
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                progress.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 if cfg.with_tracking:
-                    accelerator.log({"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]},
+                    accelerator.log({"train/loss": step_loss.item(), "train/lr": optimizer.param_groups[0]["lr"]},
                                     step=state["step"])
             saved = cfg.checkpointing_steps and state["step"] % cfg.checkpointing_steps == 0
             if saved:

@@ -53,18 +53,27 @@ def load_script(name: str):
     return module
 
 
-def record_accumulation(monkeypatch, script) -> list:
-    """`gradient_accumulation_steps` of each Accelerator `script.main` makes, as made (accelerate's state is
-    process-wide: a later Accelerator's setting would show through an earlier one)."""
-    made = []
+def record_accumulation(monkeypatch, script) -> tuple[list, list]:
+    """For each Accelerator `script.main` makes: its `gradient_accumulation_steps` as made (accelerate's state
+    is process-wide: a later Accelerator's setting would show through an earlier one), and the step losses
+    it is given for the trackers ({step: loss})."""
+    made, losses = [], []
 
     def recording(*args, **kwargs):
         accelerator = runtime.make_accelerator(*args, **kwargs)
         made.append(accelerator.gradient_accumulation_steps)
+        logged = {}
+        losses.append(logged)
+
+        def log(values, step=None, **kwargs):
+            if "train/loss" in values:
+                logged[step] = values["train/loss"]
+
+        accelerator.log = log
         return accelerator
 
     monkeypatch.setattr(script, "make_accelerator", recording)
-    return made
+    return made, losses
 
 
 def count_training_forwards(monkeypatch, model_class) -> list:
@@ -156,7 +165,7 @@ def test_pretrain_accumulation_2x4_equals_batch_8(tmp_path, monkeypatch):
 
     data = write_dataset(tmp_path / "data", "parquet", count=48)
     script = import_pretrain()
-    made = record_accumulation(monkeypatch, script)
+    made, logged = record_accumulation(monkeypatch, script)
     runs = {}
     # the third run resumes the first after its step 1 with 4 micro-batches of 2 (the same effective batch):
     # a step counted in another accumulation's micro-batches must not shift where the next step ends
@@ -205,31 +214,36 @@ def _classifier_argv(classification, script: str, out: Path, batch: int, accumul
     return [
         "--config", str(REPO / "configs" / script / "demo.yaml"), "--model_name_or_path", str(root / "pretrained"),
         "--train_dir", str(train), "--validation_dir", str(val), "--output_dir", str(out),
-        "--dataloader_num_workers", "0", "--mixed_precision", "no", "--logging_steps", "1000",
+        "--dataloader_num_workers", "0", "--mixed_precision", "no",
         "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
         "--num_train_epochs", "2", "--num_warmup_epochs", "0",
+        "--with_tracking", "true", "--report_to", "none", "--logging_steps", "1",  # every step's loss to `log`
     ]
 
 
 def test_finetune_accumulation_2x4_equals_batch_8(classification, tmp_path, monkeypatch):
     script = load_script("finetune")
-    made = record_accumulation(monkeypatch, script)
+    made, logged = record_accumulation(monkeypatch, script)
     forwards = count_training_forwards(monkeypatch, MAEForImageClassification)
     # the demo config has RandAugment, mixup, cutmix, random erasing and drop path off; label smoothing too
     extra = ["--label_smoothing", "0.0", "--reprob", "0.0", "--mixup", "0.0", "--cutmix", "0.0",
              "--drop_path_rate", "0.0", "--learning_rate", "1e-3", "--adam_epsilon", "1e-6"]
-    weights, micro_batches = {}, {}
+    weights, micro_batches, epoch_losses = {}, {}, {}
     for name, batch, accumulation in (("accumulated", 4, 2), ("batch8", 8, 1)):
         out = tmp_path / name
         forwards.clear()
         assert script.main(_classifier_argv(classification, "finetune", out, batch, accumulation) + extra) == 0
         micro_batches[name] = len(forwards)
         weights[name] = load_file(out / "model.safetensors")
+        epoch_losses[name] = [h["train_loss"] for h in json.loads((out / "eval_results.json").read_text())["history"]]
         # 2 epochs x 2 optimizer steps (20 images: 16 make 2 steps of 8; 4 are left over)
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
         assert json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())["step"] == 4
     assert micro_batches == {"accumulated": 2 * 2 * 2, "batch8": 2 * 2}
     assert_same_weights(weights["accumulated"], weights["batch8"])
+    # a step's logged loss is the mean over its micro-batches (the batch of 8's), per epoch that of its steps
+    assert list(logged[0]) == [1, 2, 3, 4] and logged[0] == pytest.approx(logged[1], abs=1e-5)
+    assert epoch_losses["accumulated"] == pytest.approx(epoch_losses["batch8"], abs=1e-5)
     assert made == [2, 1]  # set on the Accelerator when it is made
     initial = load_file(classification[0] / "pretrained" / "model.safetensors")
     assert_trained(initial, weights["accumulated"])
@@ -239,9 +253,9 @@ def test_linprobe_accumulation_2x4_equals_batch_8(classification, tmp_path, monk
     from modeling_mae.training.linear_probe import ProbeHead
 
     script = load_script("linprobe")
-    made = record_accumulation(monkeypatch, script)
+    made, logged = record_accumulation(monkeypatch, script)
     forwards = count_training_forwards(monkeypatch, ProbeHead)
-    weights, micro_batches = {}, {}
+    weights, micro_batches, epoch_losses = {}, {}, {}
     for name, batch, accumulation in (("accumulated", 4, 2), ("batch8", 8, 1)):
         out = tmp_path / name
         forwards.clear()
@@ -249,9 +263,13 @@ def test_linprobe_accumulation_2x4_equals_batch_8(classification, tmp_path, monk
         assert script.main(argv) == 0
         micro_batches[name] = len(forwards)
         weights[name] = load_file(out / "model.safetensors")
+        epoch_losses[name] = [h["train_loss"] for h in json.loads((out / "eval_results.json").read_text())["history"]]
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
     assert micro_batches == {"accumulated": 2 * 2 * 2, "batch8": 2 * 2}
     assert_same_weights(weights["accumulated"], weights["batch8"])
+    # a step's logged loss is the mean over its micro-batches (the batch of 8's), per epoch that of its steps
+    assert list(logged[0]) == [1, 2, 3, 4] and logged[0] == pytest.approx(logged[1], abs=1e-5)
+    assert epoch_losses["accumulated"] == pytest.approx(epoch_losses["batch8"], abs=1e-5)
     assert made == [2, 1]  # set on the Accelerator when it is made
     assert weights["accumulated"]["classifier.bias"].abs().max() > 1e-3  # starts at 0: the head took steps
 
@@ -263,7 +281,7 @@ def test_segment_accumulation_2x4_equals_batch_8_and_resumes(tmp_path, monkeypat
     """20 images: 5 micro-batches of 4 per epoch = 2 optimizer steps (the fifth is dropped), as 2 batches
     of 8. max_train_steps 3 crosses an epoch; the resume from step 1 skips 2 micro-batches."""
     script = load_script("segment")
-    made = record_accumulation(monkeypatch, script)
+    made, logged = record_accumulation(monkeypatch, script)
     forwards = count_training_forwards(monkeypatch, MAEUperNetForSemanticSegmentation)
     data = write_synthetic_ade_folder(tmp_path / "data", num_train=20, num_val=1, size=48, num_classes=3, seed=1)
     common = [
