@@ -375,12 +375,9 @@ def next_micro_batches(batches, count: int, tracker: StreamTracker, accelerator)
 
 def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, guard: NonFiniteGuard, step: int,
                stats=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)):
-    """One optimizer step over the micro-batches (`accelerator.gradient_accumulation_steps` of them).
-    Returns (mean loss, whether the step was applied). `stats`: the per-channel (mean, std) the pixels
-    are normalised with."""
-    if len(micro_batches) != accelerator.gradient_accumulation_steps:
-        raise ValueError(f"one optimizer step takes gradient_accumulation_steps="
-                         f"{accelerator.gradient_accumulation_steps} micro-batches, got {len(micro_batches)}")
+    """One optimizer step over the micro-batches (`accelerator.gradient_accumulation_steps` of them: the
+    last one's `accumulate` syncs the gradients). Returns (mean loss, whether the step was applied).
+    `stats`: the per-channel (mean, std) the pixels are normalised with."""
     model.train()
     losses = []
     for batch in micro_batches:
