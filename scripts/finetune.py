@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +132,7 @@ class FinetuneConfig:
 if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
     parse_config(FinetuneConfig, description=__doc__)
 
+import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
@@ -176,6 +176,7 @@ from modeling_mae.training.optim import (  # noqa: E402
 from modeling_mae.training.runtime import (  # noqa: E402
     GracefulStop,  # noqa: E402
     make_accelerator,
+    optimizer_steps_per_epoch,
     quiet_library_loggers,
     resume_command,  # noqa: E402
     tracker_hparams,  # noqa: E402
@@ -198,8 +199,8 @@ def main(argv=None) -> int:
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_library_loggers()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
-    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to,
+                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     # before anything is written: refuse another run's output directory, check a resumed config
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
     groups = layer_decay_param_groups(model, lr, cfg.weight_decay, cfg.layer_decay)
     optimizer = create_optimizer(groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.num_train_epochs
     scheduler = create_scheduler(optimizer, round(cfg.num_warmup_epochs * steps_per_epoch), total_steps,
                                  min_lr=cfg.min_lr)
@@ -258,6 +259,7 @@ def main(argv=None) -> int:
     epoch_loss = EpochLoss()
     if resume is not None:
         state, _ = manager.load(accelerator, resume)
+        accelerator.step = 0  # checkpoints end an optimizer step: count micro-batches afresh (the accumulation may differ)
         bad_train.load_state_dict(state.get("unreadable_train"))
         epoch_loss.load_state_dict(state.get("epoch_loss"))
         logger.info("resumed from %s at step %d", resume, state["step"])
@@ -285,10 +287,11 @@ def main(argv=None) -> int:
         set_train_epoch(train_loader, epoch)
         done_in_epoch = state["step"] - epoch * steps_per_epoch
         loader = train_loader
-        if done_in_epoch > 0:  # resumed mid-epoch: skip the batches already trained on, this epoch only
+        if done_in_epoch > 0:  # resumed mid-epoch: skip the micro-batches already trained on, this epoch only
             loader = accelerator.skip_first_batches(train_loader, done_in_epoch * cfg.gradient_accumulation_steps)
         if state["step"] <= epoch * steps_per_epoch:  # a new epoch, not one resumed mid-way
             epoch_loss.reset()
+        step_losses = []  # the micro-batches' losses of the step under way
         for pixel_values, labels, used, asked in loader:
             bad_train.record(used, asked)  # unreadable files were replaced by the next readable ones
             with accelerator.accumulate(model):
@@ -303,13 +306,15 @@ def main(argv=None) -> int:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             epoch_loss.add(loss)
+            step_losses.append(loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
+            step_loss, step_losses = torch.stack(step_losses).mean(), []  # the step's loss: its micro-batches' mean
             scheduler.step()
             state["step"] += 1
             progress.update(1)
             if state["step"] % cfg.logging_steps == 0:
-                logs = {"train/loss": loss.item(), "train/lr": optimizer.param_groups[-1]["lr"], "epoch": epoch}
+                logs = {"train/loss": step_loss.item(), "train/lr": optimizer.param_groups[-1]["lr"], "epoch": epoch}
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
                 if cfg.with_tracking:
                     accelerator.log(logs, step=state["step"])
@@ -320,6 +325,8 @@ def main(argv=None) -> int:
                 path = manager.latest() if saved else save_checkpoint()
                 progress.close()
                 stop.exit(state["step"], path)
+            if state["step"] == (epoch + 1) * steps_per_epoch:
+                break  # the epoch ends after steps_per_epoch optimizer steps (an incomplete group is dropped)
 
         # ---- evaluate every epoch; keep the best model ----------------------------------------------
         model.eval()

@@ -25,7 +25,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +154,7 @@ from modeling_mae.training.optim import build_lars, create_scheduler, effective_
 from modeling_mae.training.runtime import (  # noqa: E402
     GracefulStop,  # noqa: E402
     make_accelerator,
+    optimizer_steps_per_epoch,
     quiet_library_loggers,
     resume_command,  # noqa: E402
     tracker_hparams,  # noqa: E402
@@ -183,8 +183,8 @@ def main(argv=None) -> int:
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_library_loggers()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
-    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to,
+                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     # before anything is written: refuse another run's output directory, check a resumed config
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     lr = cfg.learning_rate or scaled_lr(cfg.blr, batch)
     optimizer = build_lars(list(head.parameters()), lr, cfg.momentum, cfg.weight_decay)
     head, optimizer, train_loader, eval_loader = accelerator.prepare(head, optimizer, train_loader, eval_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.num_train_epochs
     scheduler = create_scheduler(optimizer, round(cfg.num_warmup_epochs * steps_per_epoch), total_steps,
                                  min_lr=cfg.min_lr)
@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     epoch_loss = EpochLoss()
     if resume is not None:
         state, _ = manager.load(accelerator, resume)
+        accelerator.step = 0  # checkpoints end an optimizer step: count micro-batches afresh (the accumulation may differ)
         bad_train.load_state_dict(state.get("unreadable_train"))
         epoch_loss.load_state_dict(state.get("epoch_loss"))
         logger.info("resumed from %s at step %d", resume, state["step"])
@@ -301,25 +302,31 @@ def main(argv=None) -> int:
         writing_cache = cache is not None and not from_cache and skip == 0
         if state["step"] <= epoch * steps_per_epoch:  # a new epoch, not one resumed mid-way
             epoch_loss.reset()
+        epoch_end = (epoch + 1) * steps_per_epoch
+        step_losses = []  # the micro-batches' losses of the step under way
         for features, labels in batches:
             features, labels = features.to(accelerator.device), labels.to(accelerator.device)
             if writing_cache:
                 cache.add(features, labels)
+            if state["step"] == epoch_end:
+                continue  # an incomplete last group of micro-batches: cached (all the epoch's views), not trained on
             with accelerator.accumulate(head):
                 loss = criterion(head(features).float(), labels)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             epoch_loss.add(loss)
+            step_losses.append(loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
+            step_loss, step_losses = torch.stack(step_losses).mean(), []  # the step's loss: its micro-batches' mean
             scheduler.step()
             state["step"] += 1
             progress.update(1)
             if state["step"] % cfg.logging_steps == 0:
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                progress.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 if cfg.with_tracking:
-                    accelerator.log({"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]},
+                    accelerator.log({"train/loss": step_loss.item(), "train/lr": optimizer.param_groups[0]["lr"]},
                                     step=state["step"])
             saved = cfg.checkpointing_steps and state["step"] % cfg.checkpointing_steps == 0
             if saved:
@@ -328,6 +335,8 @@ def main(argv=None) -> int:
                 path = manager.latest() if saved else save_checkpoint()
                 progress.close()
                 stop.exit(state["step"], path)
+            if state["step"] == epoch_end and not writing_cache:
+                break  # the epoch ends after steps_per_epoch optimizer steps
         if writing_cache:
             cache.save()
             logger.info("cached the training features in %s", cache.path.parent)

@@ -11,8 +11,9 @@ One typed config (`PretrainConfig`: YAML + command-line overrides, flag names as
               shards (`split_dataset_by_node`), so the DataLoader does not go through
               `accelerator.prepare`, and `dispatch_batches=False` is set explicitly all the same
     schedule  lr = blr x effective batch / 256; warm-up then half-cycle cosine per optimizer step
-    step      `gradient_accumulation_steps` micro-batches (no gradient sync but on the last), loss in fp32,
-              optional clipping, NaN/inf steps skipped and counted, optimizer + schedule step
+    step      `gradient_accumulation_steps` micro-batches, accelerate's accumulation (`accelerator.accumulate`:
+              no gradient sync but on the last), loss in fp32, optional clipping, NaN/inf steps skipped
+              and counted, optimizer + schedule step
     observe   tqdm (step, loss, img/s, ETA), trackers (loss, lr, img/s, MFU, data-wait fraction),
               reconstruction grid PNG every `reconstruction_steps`
     persist   atomic checkpoints every `checkpointing_steps` (keep the last `checkpoints_total_limit`),
@@ -379,18 +380,17 @@ def next_micro_batches(batches, count: int, tracker: StreamTracker, accelerator)
 
 def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, guard: NonFiniteGuard, step: int,
                stats=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)):
-    """One optimizer step over the micro-batches. Returns (mean loss, whether the step was applied).
+    """One optimizer step over the micro-batches (`accelerator.gradient_accumulation_steps` of them: the
+    last one's `accumulate` syncs the gradients). Returns (mean loss, whether the step was applied).
     `stats`: the per-channel (mean, std) the pixels are normalised with."""
     model.train()
     losses = []
-    for index, batch in enumerate(micro_batches):
+    for batch in micro_batches:
         pixel_values = normalize_on_device(batch["pixel_values"].to(accelerator.device, non_blocking=True), *stats)
-        last = index == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-        with sync:
+        with accelerator.accumulate(model):  # no gradient sync but on the last micro-batch
             # the loss needs predictions for the removed patches only: skip the decoder work for the rest
             loss = model(pixel_values=pixel_values, predict_masked_only=True).loss  # fp32 (forward_loss upcasts)
-            accelerator.backward(loss / len(micro_batches))
+            accelerator.backward(loss)  # divided by gradient_accumulation_steps: the step's mean gradient
         losses.append(loss.detach().float())
     loss = torch.stack(losses).mean()
     finite = torch.isfinite(loss)
@@ -475,7 +475,8 @@ def main(argv=None) -> int:
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_library_loggers()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to,
+                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     is_main = accelerator.is_main_process
     sharded = accelerator.distributed_type == DistributedType.FSDP  # a forward is a collective there
     if not is_main:
@@ -548,6 +549,7 @@ def main(argv=None) -> int:
     sample_log = SampleLog(cfg.output_dir, accelerator.process_index, cfg.log_sample_ids)
     if resume_path is not None:
         trainer_state, process_state = manager.load(accelerator, resume_path)
+        accelerator.step = 0  # checkpoints end an optimizer step: count micro-batches afresh (the accumulation may differ)
         state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "samples_seen", "last_loss")})
         guard.load_state_dict(trainer_state.get("nonfinite", {}))
         corrupt_images = int(process_state.get("corrupt_images", 0))

@@ -498,7 +498,8 @@ def main(argv=None) -> dict:
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_library_loggers()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to,
+                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     # Map-style training data: every process must take the same number of steps (DDP), so the last
     # round is padded as accelerate does by default. Evaluation shards its images by hand (no padding).
     accelerator.even_batches = True
@@ -567,6 +568,7 @@ def main(argv=None) -> dict:
     state = {"step": 0, "best_miou": None, "best_step": None, "best": {}, "history": []}
     if resume is not None:
         trainer_state, _ = checkpoints.load(accelerator, resume)
+        accelerator.step = 0  # checkpoints end an optimizer step: count micro-batches afresh (the accumulation may differ)
         state.update(trainer_state)
         logger.info("resumed from %s at step %d", resume, state["step"])
     if cfg.with_tracking:
@@ -619,6 +621,7 @@ def main(argv=None) -> dict:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            # `loss` is the micro-batch's own (backward divided only its gradient): the step's loss is their mean
             running_loss += loss.detach().float().item() / cfg.gradient_accumulation_steps
             window_images += batch["pixel_values"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:

@@ -5,7 +5,8 @@
   "no" elsewhere.
 - `reuse_freed_cpu_memory()`: on CPU runs, glibc malloc keeps freed memory for the next step (no page
   faults on every step's activations), logged.
-- `make_accelerator(...)`: mixed precision (resolved as above, logged), trackers, and an explicit
+- `make_accelerator(...)`: mixed precision (resolved as above, logged), trackers, gradient accumulation
+  (accelerate's, `accumulation_plugin`; `optimizer_steps_per_epoch`: full groups only), and an explicit
   `DataLoaderConfiguration(dispatch_batches=False, split_batches=False)`: every process reads its own
   part of the stream (`split_dataset_by_node`), nothing is re-dispatched from rank 0.
 - `resolve_trackers(report_to)`: "all" / "tensorboard" / "wandb" / "none", dropping (with a warning)
@@ -213,16 +214,53 @@ def refuse_fsdp_without_gpu(cpu: bool) -> None:
         )
 
 
-def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking: bool, report_to, cpu: bool = False):
+def accumulation_plugin(gradient_accumulation_steps: int):
+    """accelerate's gradient accumulation as every training loop here uses it: the loop runs each
+    micro-batch inside `accelerator.accumulate(model)` (no gradient sync but on the step's last
+    micro-batch; the prepared optimizer steps and zeroes only there, `accelerator.sync_gradients`) and
+    calls `accelerator.backward(loss)`, which divides the loss by the number of steps.
+
+    One optimizer step is always `gradient_accumulation_steps` micro-batches, counted by accelerate
+    alone: `sync_with_dataloader=False`, so the end of a prepared DataLoader does not force a short
+    step (with it, prepared loaders would end an epoch differently from pretraining's stream or the
+    linear probe's feature cache, which are not prepared, and a short step's loss would still be
+    divided by the full count); the loops drop an epoch's incomplete last group themselves
+    (steps per epoch = micro-batches // steps). `adjust_scheduler=False`: no schedule goes through
+    `prepare`, each loop steps its own once per optimizer step."""
+    from accelerate.utils import GradientAccumulationPlugin
+
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {gradient_accumulation_steps}")
+    return GradientAccumulationPlugin(
+        num_steps=gradient_accumulation_steps, sync_with_dataloader=False, adjust_scheduler=False
+    )
+
+
+def optimizer_steps_per_epoch(micro_batches: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in an epoch of `micro_batches` (per process): full groups of
+    `gradient_accumulation_steps` only; the loop drops an incomplete last group (`accumulation_plugin`)."""
+    steps = micro_batches // gradient_accumulation_steps
+    if steps < 1:
+        raise ValueError(
+            f"an epoch has {micro_batches} micro-batches per process, fewer than one optimizer step of "
+            f"gradient_accumulation_steps={gradient_accumulation_steps}: lower it or the per-device batch size"
+        )
+    return steps
+
+
+def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking: bool, report_to, cpu: bool = False,
+                     gradient_accumulation_steps: int = 1):
     """An Accelerator for an explicit loop whose processes each read their own shard of a stream.
 
     `mixed_precision`: "auto" decides by the device (`resolve_mixed_precision`, logged); None takes the
     launcher's setting (`accelerate launch --mixed_precision` / config file).
+    `gradient_accumulation_steps`: micro-batches per optimizer step, accelerate's way (`accumulation_plugin`).
     Several processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without GPUs
     become CPU processes: accelerate's own `--cpu` launcher starts several processes only through mpirun."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    accumulation = accumulation_plugin(gradient_accumulation_steps)
     trackers = resolve_trackers(report_to) if with_tracking else []
     refuse_fsdp_without_gpu(cpu)
     if not cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
@@ -238,6 +276,7 @@ def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/runs"),
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False, even_batches=False),
+        gradient_accumulation_plugin=accumulation,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
     )
     if accelerator.is_main_process:
