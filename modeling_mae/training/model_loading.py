@@ -53,6 +53,20 @@ def checkpoint_options(cfg) -> dict:
     return {name: getattr(cfg, name) for name in CHECKPOINT_OPTION_FIELDS if getattr(cfg, name, None) is not None}
 
 
+def merge_model_config(model_config: dict, fields: dict) -> dict:
+    """A script's `MAEConfig` overrides: its `model_config` mapping plus the script's own fields for MAEConfig
+    settings (`fields`, name -> value; None = not set, so model_config / the checkpoint / MAEConfig decide),
+    as `from_pretrained` keyword arguments override a checkpoint's config. One source per setting: a name
+    set both ways is a ValueError naming both, whatever the values (a field with a recipe default is always set)."""
+    for name, value in fields.items():
+        if value is not None and name in model_config:
+            raise ValueError(
+                f"`model_config` sets {name}={model_config[name]!r} and the field `{name}` sets {value!r}; "
+                f"set it in one place (the field `{name}`)"
+            )
+    return {**model_config, **{name: value for name, value in fields.items() if value is not None}}
+
+
 # --------------------------------------------------------------------------------------------------
 # Which format
 # --------------------------------------------------------------------------------------------------

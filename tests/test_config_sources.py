@@ -1,0 +1,116 @@
+"""One source per model setting in the scripts, and what a checkpoint brings along.
+
+- `model_config` keys and the scripts' own fields for MAEConfig settings: a key set in one place is
+  what the model gets; set in both, it is refused in one line naming both (`merge_model_config`).
+- Continued pretraining keeps the checkpoint's `mask_ratio` / `norm_pix_loss` unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_mae import MAEConfig, MAEForPreTraining
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"config_sources_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    return load_script("pretrain")
+
+
+@pytest.fixture(scope="module")
+def segment():
+    return load_script("segment")
+
+
+def pretrain_config(pretrain, tmp_path, yaml_text: str):
+    """The config a user's YAML file gives (the parser of every script: `--config FILE`)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train_dir: unused\nmodel_preset: mae-tiny\n" + yaml_text)
+    return pretrain.parse_config(pretrain.PretrainConfig, ["--config", str(path)])
+
+
+def test_model_config_alone_sets_the_loss_settings(pretrain, tmp_path):
+    """The issue's YAML: before, the fields' defaults (0.75 / true) overwrote model_config's values."""
+    cfg = pretrain_config(pretrain, tmp_path, "model_config: {mask_ratio: 0.5, norm_pix_loss: false}\n")
+    model = pretrain.build_model(cfg, num_channels=3)
+    assert model.config.mask_ratio == 0.5 and model.config.norm_pix_loss is False
+    cfg = pretrain_config(pretrain, tmp_path, "mask_ratio: 0.6\nnorm_pix_loss: false\n")  # the fields alone
+    model = pretrain.build_model(cfg, num_channels=3)
+    assert model.config.mask_ratio == 0.6 and model.config.norm_pix_loss is False
+    model = pretrain.build_model(pretrain_config(pretrain, tmp_path, ""), num_channels=3)  # neither: MAEConfig's
+    assert model.config.mask_ratio == 0.75 and model.config.norm_pix_loss is True
+
+
+def test_a_setting_given_twice_is_refused_in_one_line(pretrain, tmp_path):
+    cfg = pretrain_config(pretrain, tmp_path, "mask_ratio: 0.6\nmodel_config: {mask_ratio: 0.5}\n")
+    with pytest.raises(ValueError) as info:
+        pretrain.build_model(cfg, num_channels=3)
+    assert str(info.value) == ("`model_config` sets mask_ratio=0.5 and the field `mask_ratio` sets 0.6; "
+                               "set it in one place (the field `mask_ratio`)")
+    cfg = pretrain_config(pretrain, tmp_path, "model_config: {num_channels: 1}\n")  # the data's channel count
+    with pytest.raises(ValueError, match=r"^`model_config` sets num_channels=1; .*field `num_channels`"):
+        pretrain.build_model(cfg, num_channels=3)
+
+
+def test_merge_model_config_by_hand():
+    from modeling_mae.training.model_loading import merge_model_config
+
+    assert merge_model_config({"a": 1}, {"b": 2, "c": None}) == {"a": 1, "b": 2}
+    assert merge_model_config({"c": 3}, {"c": None}) == {"c": 3}  # field unset: model_config decides
+    with pytest.raises(ValueError, match=r"sets c=3 and the field `c` sets 3"):  # equal values: still two sources
+        merge_model_config({"c": 3}, {"c": 3})
+
+
+def test_continued_pretraining_keeps_the_checkpoints_loss_settings(pretrain, tmp_path):
+    """Before, a checkpoint trained at 0.6 without norm_pix_loss continued at 0.75 with it."""
+    MAEForPreTraining(MAEConfig.from_preset("mae-tiny", mask_ratio=0.6, norm_pix_loss=False)).save_pretrained(tmp_path / "pt")
+    cfg = pretrain_config(pretrain, tmp_path, f"model_name_or_path: {tmp_path / 'pt'}\n")
+    model = pretrain.build_model(cfg, num_channels=3)
+    assert model.config.mask_ratio == 0.6 and model.config.norm_pix_loss is False
+    cfg = pretrain_config(pretrain, tmp_path, f"model_name_or_path: {tmp_path / 'pt'}\nmask_ratio: 0.5\n")
+    model = pretrain.build_model(cfg, num_channels=3)
+    assert model.config.mask_ratio == 0.5 and model.config.norm_pix_loss is False
+
+
+SEGMENT_TINY = dict(data_dir="unused", num_labels=3, out_indices=[1, 2, 3, 4], crop_size=32, eval_stride=16)
+
+
+def test_segment_refuses_a_transfer_option_in_model_config(segment):
+    """Before, the field's default drop_path_rate (0.1) silently replaced model_config's 0.3."""
+    cfg = segment.SegmentConfig(model_preset="mae-tiny", model_config={"drop_path_rate": 0.3, "num_hidden_layers": 4},
+                                **SEGMENT_TINY)
+    with pytest.raises(ValueError, match=r"^`model_config` sets drop_path_rate=0.3 and the field `drop_path_rate` "
+                                         r"sets 0.1; set it in one place"):
+        segment.build_model(cfg)
+    cfg = segment.SegmentConfig(model_preset="mae-tiny", model_config={"num_hidden_layers": 4}, drop_path_rate=0.3,
+                                **SEGMENT_TINY)
+    assert segment.build_model(cfg).config.backbone_config.drop_path_rate == 0.3
+
+
+def test_segment_applies_model_config_to_our_checkpoint(segment, tmp_path):
+    """Before, `model_config` was read only for presets and converted files: our directory ignored it."""
+    config = MAEConfig.from_preset("mae-tiny", num_hidden_layers=4)
+    MAEForPreTraining(config).save_pretrained(tmp_path / "pt")
+    cfg = segment.SegmentConfig(model_name_or_path=str(tmp_path / "pt"), model_config={"attention_probs_dropout_prob": 0.2},
+                                drop_path_rate=0.0, **SEGMENT_TINY)
+    backbone = segment.load_backbone(cfg)
+    assert backbone.config.attention_probs_dropout_prob == 0.2
+    assert backbone.config.out_indices == [1, 2, 3, 4] and backbone.config.drop_path_rate == 0.0
+    torch.testing.assert_close(backbone.mae.embeddings.cls_token,
+                               MAEForPreTraining.from_pretrained(tmp_path / "pt").mae.embeddings.cls_token)
