@@ -114,3 +114,59 @@ def test_segment_applies_model_config_to_our_checkpoint(segment, tmp_path):
     assert backbone.config.out_indices == [1, 2, 3, 4] and backbone.config.drop_path_rate == 0.0
     torch.testing.assert_close(backbone.mae.embeddings.cls_token,
                                MAEForPreTraining.from_pretrained(tmp_path / "pt").mae.embeddings.cls_token)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning a fine-tuned classifier for another label set
+# --------------------------------------------------------------------------------------------------
+def three_class_classifier():
+    from modeling_mae import MAEForImageClassification
+
+    model = MAEForImageClassification(MAEConfig.from_preset("mae-tiny", num_labels=3, pooling="mean"))
+    with torch.no_grad():
+        model.classifier.weight.normal_()  # a trained head, not the 2e-5 start
+    return model
+
+
+def finetune_model(path, num_labels: int, **checkpoint_options):
+    """The model finetune.py builds from `path` for `num_labels` classes (its `load_classifier` call)."""
+    from modeling_mae.training.model_loading import load_classifier
+
+    names = [f"class{i}" for i in range(num_labels)]
+    return load_classifier(str(path), drop_path_rate=0.1, pooling="mean", linear_probe_head=False,
+                           num_labels=num_labels, id2label=dict(enumerate(names)),
+                           label2id={n: i for i, n in enumerate(names)}, **checkpoint_options)
+
+
+@pytest.mark.parametrize("layout", ["ours", "official"])
+def test_another_label_count_gets_a_new_head_said_in_one_line(tmp_path, caplog, layout):
+    """Before: ours raised transformers' size-mismatch RuntimeError, the official file a ValueError."""
+    from modeling_mae.conversion.convert import mae_to_official
+
+    source = three_class_classifier()
+    if layout == "ours":
+        path, options = tmp_path / "ft3", {}
+        source.save_pretrained(path)
+    else:  # the official file does not carry the head count of a width no official model has
+        path, options = tmp_path / "ft3.pth", {"num_attention_heads": 4}
+        torch.save({"model": mae_to_official(source)}, path)
+    with caplog.at_level("WARNING", logger="modeling_mae.training.model_loading"):
+        model = finetune_model(path, num_labels=5, **options)
+    assert (model.classifier.out_features, model.config.num_labels) == (5, 5)
+    assert model.config.id2label[4] == "class4"
+    assert model.classifier.weight.std() < 1e-3  # newly initialised: trunc normal, std 2e-5
+    expected = source.mae.state_dict()
+    for name, tensor in model.mae.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+    lines = [r.getMessage() for r in caplog.records if "NEW classification head" in r.getMessage()]
+    assert lines == [f"NEW classification head: {path} has a 3-class head, this model has num_labels=5; the encoder "
+                     f"is the checkpoint's, the head is newly initialised (train it before use)"]
+
+
+def test_the_same_label_count_keeps_the_head(tmp_path, caplog):
+    source = three_class_classifier()
+    source.save_pretrained(tmp_path / "ft3")
+    with caplog.at_level("WARNING", logger="modeling_mae.training.model_loading"):
+        model = finetune_model(tmp_path / "ft3", num_labels=3)
+    torch.testing.assert_close(model.classifier.weight, source.classifier.weight, rtol=0, atol=0)
+    assert not [r for r in caplog.records if "NEW classification head" in r.getMessage()]
