@@ -85,7 +85,9 @@ class PretrainConfig:
     blr: float = option(1.5e-4, help="base learning rate: lr = blr x effective batch / 256")
     learning_rate: Optional[float] = option(None, help="absolute learning rate; when set, blr is not used")
     min_lr: float = option(0.0, help="learning rate at the end of the cosine schedule")
-    weight_decay: float = option(0.05, help="AdamW weight decay (not on biases, norms, positions, tokens)")
+    weight_decay: float = option(
+        0.05, help="AdamW weight decay on the weights and the CLS / mask tokens (as the official code); "
+                   "not on biases and norms (1-D); the position tables are frozen")
     adam_beta1: float = option(0.9, help="AdamW beta1")
     adam_beta2: float = option(0.95, help="AdamW beta2")
     adam_epsilon: float = option(1e-8, help="AdamW epsilon")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -170,3 +171,42 @@ def test_the_same_label_count_keeps_the_head(tmp_path, caplog):
         model = finetune_model(tmp_path / "ft3", num_labels=3)
     torch.testing.assert_close(model.classifier.weight, source.classifier.weight, rtol=0, atol=0)
     assert not [r for r in caplog.records if "NEW classification head" in r.getMessage()]
+
+
+# --------------------------------------------------------------------------------------------------
+# What `--help` says about pretraining's weight decay is what the optimizer groups do
+# --------------------------------------------------------------------------------------------------
+# Parameter kinds a help text may name, by their names in MAEForPreTraining.
+PARAMETER_KINDS = {
+    "token": lambda name: name.endswith(("cls_token", "mask_token")),
+    "bias": lambda name: name.endswith(".bias"),
+    "norm": lambda name: "norm" in name.rsplit(".", 1)[0] and name.endswith(".weight"),
+    "position": lambda name: name.endswith(("position_embeddings", "decoder_pos_embed")),
+}
+
+
+def test_pretrain_weight_decay_help_says_what_the_groups_do(pretrain):
+    """The groups of `pretraining_param_groups` (the official timm rule: no decay for 1-D tensors and
+    `.bias`, frozen tables left out): each kind of parameter is where the help puts it. Before, the help
+    listed the tokens as not decayed while the CLS and mask tokens are decayed."""
+    from modeling_mae.training.optim import pretraining_param_groups
+
+    model = MAEForPreTraining(MAEConfig.from_preset("mae-tiny"))
+    decayed, not_decayed = pretraining_param_groups(model, weight_decay=0.05)
+    assert (decayed["weight_decay"], not_decayed["weight_decay"]) == (0.05, 0.0)
+    where = {id(p): "decayed" for p in decayed["params"]} | {id(p): "not decayed" for p in not_decayed["params"]}
+    placement = {}
+    for kind, matches in PARAMETER_KINDS.items():
+        places = {where.get(id(param), "frozen") for name, param in model.named_parameters() if matches(name)}
+        assert len(places) == 1, (kind, places)  # a kind is treated one way
+        placement[kind] = places.pop()
+    assert placement == {"token": "decayed", "bias": "not decayed", "norm": "not decayed", "position": "frozen"}
+
+    help_text = next(f for f in dataclasses.fields(pretrain.PretrainConfig) if f.name == "weight_decay").metadata["help"]
+    decayed_part, _, rest = help_text.partition("not on")
+    not_decayed_part, _, frozen_part = rest.partition(";")
+    said = {"decayed": decayed_part, "not decayed": not_decayed_part, "frozen": frozen_part}
+    for kind, place in placement.items():
+        assert kind in said[place], (kind, place, help_text)
+        assert all(kind not in text for other, text in said.items() if other != place), (kind, help_text)
+    assert "frozen" in frozen_part
