@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.integrations.hub_kernels import is_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
+from transformers.utils.generic import is_flash_attention_requested
 
 from .configuration_mae import MAEConfig
 from .masking import make_noise, random_masking
@@ -203,6 +205,46 @@ def sdpa_attention_forward(
     return out.transpose(1, 2), None
 
 
+def flex_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' flex attention with the additive bias as its `position_bias`, a `score_mod` adding
+    bias[b, h, q, k] to each score; same shapes as `eager_attention_forward`. Its `attention_mask` would be
+    read as mask[b, 0, q, k], head 0 for every head and out of range for a bias shared by the batch, so the
+    bias is expanded (a view) to (N, heads, Tq, T) and passed that way."""
+    from transformers.integrations.flex_attention import flex_attention_forward as transformers_flex_attention
+
+    bias = None
+    if attention_mask is not None:
+        bias = attention_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    return transformers_flex_attention(
+        module, query, key, value, None, scaling=scaling, dropout=dropout, position_bias=bias, **kwargs
+    )
+
+
+def check_attention_bias_support(config, implementation: str | None) -> None:
+    """ValueError when the model has a relative position bias and `implementation` cannot add it.
+
+    eager, sdpa and flex_attention add a (N or 1, heads, Tq, T) bias to the logits exactly (as do functions
+    registered in transformers' `AttentionInterface`, which receive it as `attention_mask`). Flash attention
+    (2, 3, 4, paged) and the Hub's attention kernels ("org/repo") take `attention_mask` as a padding mask."""
+    if not getattr(config, "use_relative_position_bias", False) or implementation is None:
+        return
+    if is_flash_attention_requested(requested_attention_implementation=implementation) or is_kernel(implementation):
+        raise ValueError(
+            f"use_relative_position_bias=True adds a bias to the attention logits, which "
+            f"attn_implementation={implementation!r} cannot take (it reads attention_mask as a padding mask); "
+            f"use 'sdpa', 'eager' or 'flex_attention'"
+        )
+
+
 # Our default ("sdpa" when the user did not choose an implementation) uses explicit matmuls where they
 # beat torch's fused kernel: on CPU, in bfloat16, when a backward pass follows. Measured with
 # `scripts/benchmark.py --parts attention` (attention core alone, batch 16, 2-core AMD EPYC Zen 4 with
@@ -238,14 +280,17 @@ def default_attention_forward(module, query, key, value, attention_mask, scaling
 
 def attention_function(config, output_attentions: bool):
     """The function for `config._attn_implementation`: for an explicit choice, transformers' registry
-    (`ALL_ATTENTION_FUNCTIONS`: sdpa, flash_attention_2/3, flex_attention, Hub kernels; eager is ours);
-    when the user chose nothing (`_attn_implementation_autoset`, set by `MAEPreTrainedModel`), our
-    `default_attention_forward`; eager whenever attention weights are asked for (only it computes them)."""
+    (`ALL_ATTENTION_FUNCTIONS`: sdpa, flash_attention_2/3, Hub kernels; eager is ours; flex_attention is
+    transformers' through `flex_attention_forward`); when the user chose nothing
+    (`_attn_implementation_autoset`, set by `MAEPreTrainedModel`), our `default_attention_forward`; eager
+    whenever attention weights are asked for (only it computes them)."""
     implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     if output_attentions or implementation == "eager":
         return eager_attention_forward
     if implementation == "sdpa" and getattr(config, "_attn_implementation_autoset", False):
         return default_attention_forward
+    if implementation == "flex_attention":
+        return flex_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
@@ -281,7 +326,11 @@ class MAEAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
         q = q[:, :, first_query:]
         # (heads, Tq, T) -> (1, heads, Tq, T): the additive mask of transformers' attention functions
-        bias = attention_bias.to(q.dtype).unsqueeze(0) if attention_bias is not None else None
+        bias = None
+        if attention_bias is not None:
+            # refused at set-up already (`MAEPreTrainedModel`); this catches a config field set by hand
+            check_attention_bias_support(self.config, getattr(self.config, "_attn_implementation", None))
+            bias = attention_bias.to(q.dtype).unsqueeze(0)
         attend = attention_function(self.config, output_attentions)
         out, weights = attend(self, q, k, v, bias, scaling=self.scale, dropout=self.attn_drop if self.training else 0.0)
         out = out.reshape(batch, tokens - first_query, dim)  # (N, Tq, heads, head_dim) -> (N, Tq, D)
@@ -504,7 +553,15 @@ class MAEPreTrainedModel(PreTrainedModel):
         # whatever the shape. Nested models built later from the same config see "sdpa" and keep the flag.
         if is_init_check and attn_implementation is None:
             self.config._attn_implementation_autoset = True
+        # before transformers' own checks, so that flash is refused for the bias, not for a missing package
+        check_attention_bias_support(self.config, attn_implementation)
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check: bool = False) -> str:
+        # the check transformers runs on a nested model (e.g. the backbone of UperNet) when its parent's
+        # implementation is set
+        check_attention_bias_support(self.config, requested_attention)
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """transformers' method; an explicit choice (even "sdpa") is then kept as made."""

@@ -13,7 +13,8 @@ the same. One table per block, shape ((2 * rows - 1) * (2 * cols - 1) + 3, heads
     entry  R - 1    CLS -> CLS
 
 `relative_position_index(grid)` gathers the table into a (1 + L, 1 + L) bias per head; the attention
-adds it to the logits after the 1 / sqrt(d) scaling, before the softmax (an additive mask for SDPA).
+adds it to the logits after the 1 / sqrt(d) scaling, before the softmax (an additive mask for eager and
+SDPA, a `score_mod` for flex attention; flash attention cannot add it and is refused).
 The layout is BEiT's, mmsegmentation's and transformers' `BeitRelativePositionBias`' (same entry order),
 so their tables copy over unchanged.
 

@@ -72,8 +72,11 @@ class PretrainConfig:
     num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
     decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
     image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
-    mask_ratio: float = option(0.75, help="fraction of patches removed, in [0, 1)")
-    norm_pix_loss: bool = option(True, help="loss on per-patch normalised pixels (the paper's better target)")
+    # MAEConfig settings; unset (none): the checkpoint's for continued pretraining, else MAEConfig's (the paper's)
+    mask_ratio: Optional[float] = option(
+        None, help="fraction of patches removed, in [0, 1); none: the checkpoint's, else 0.75")
+    norm_pix_loss: Optional[bool] = option(
+        None, help="loss on per-patch normalised pixels (the paper's better target); none: the checkpoint's, else true")
     # ---- augmentation ----------------------------------------------------------------------------
     crop_scale: list[float] = option([0.2, 1.0], help="RandomResizedCrop area range min,max")
     hflip: float = option(0.5, help="probability of a horizontal flip")
@@ -83,7 +86,9 @@ class PretrainConfig:
     blr: float = option(1.5e-4, help="base learning rate: lr = blr x effective batch / 256")
     learning_rate: Optional[float] = option(None, help="absolute learning rate; when set, blr is not used")
     min_lr: float = option(0.0, help="learning rate at the end of the cosine schedule")
-    weight_decay: float = option(0.05, help="AdamW weight decay (not on biases, norms, positions, tokens)")
+    weight_decay: float = option(
+        0.05, help="AdamW weight decay on the weights and the CLS / mask tokens (as the official code); "
+                   "not on biases and norms (1-D); the position tables are frozen")
     adam_beta1: float = option(0.9, help="AdamW beta1")
     adam_beta2: float = option(0.95, help="AdamW beta2")
     adam_epsilon: float = option(1e-8, help="AdamW epsilon")
@@ -129,7 +134,7 @@ class PretrainConfig:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.mask_ratio < 1.0:
+        if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"`mask_ratio` must be in [0, 1), got {self.mask_ratio}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"`crop_scale` must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
@@ -200,6 +205,7 @@ from modeling_mae.training.model_loading import (  # noqa: E402
     adapt_num_channels,  # noqa: E402
     checkpoint_options,
     load_pretrained,
+    merge_model_config,
 )
 from modeling_mae.training.optim import (  # noqa: E402
     create_optimizer,
@@ -257,13 +263,24 @@ class TrainState:
 # --------------------------------------------------------------------------------------------------
 def build_model(cfg: PretrainConfig, num_channels: int = 3) -> MAEForPreTraining:
     """A preset (with the data's channel count), or any published MAE converted on the fly (`load_pretrained`:
-    an encoder-only release gets a new decoder, logged loudly), adapted to the data's channel count."""
-    overrides = {**cfg.model_config, "mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss,
-                 **checkpoint_options(cfg)}
+    an encoder-only release gets a new decoder, logged loudly), adapted to the data's channel count.
+    `model_config` and the fields for MAEConfig settings override the preset's / checkpoint's config; a
+    setting given both ways is refused (`merge_model_config`)."""
+    if "num_channels" in cfg.model_config:
+        raise ValueError(
+            f"`model_config` sets num_channels={cfg.model_config['num_channels']!r}; the channel count is the data's "
+            f"or the field `num_channels`'s: set that field"
+        )
+    fields = {"mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss, **checkpoint_options(cfg)}
+    overrides = merge_model_config(cfg.model_config, fields)
     if cfg.model_name_or_path:
         model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path, **overrides)
     else:
         model = MAEForPreTraining(MAEConfig.from_preset(cfg.model_preset, **{**overrides, "num_channels": num_channels}))
+    origin = "the checkpoint's" if cfg.model_name_or_path else "the preset's"
+    logger.info("loss settings: mask_ratio %s (%s), norm_pix_loss %s (%s)",
+                model.config.mask_ratio, "set" if "mask_ratio" in overrides else origin,
+                model.config.norm_pix_loss, "set" if "norm_pix_loss" in overrides else origin)
     if model.config.num_channels != num_channels:
         if not cfg.adapt_channels:
             raise PixelFormatError(
@@ -579,7 +596,7 @@ def main(argv=None) -> int:
 
     # ---- train -----------------------------------------------------------------------------------
     peak = peak_flops(accelerator.device, cfg.peak_tflops, autocast_dtype(accelerator.mixed_precision))
-    meter = SpeedMeter(flops_per_image(model_config, cfg.mask_ratio), peak * accelerator.num_processes if peak else None)
+    meter = SpeedMeter(flops_per_image(model_config, model_config.mask_ratio), peak * accelerator.num_processes if peak else None)
     progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="pretrain", dynamic_ncols=True)
     preview = None
     window_losses = []
@@ -721,7 +738,7 @@ def main(argv=None) -> int:
             repo_id=cfg.hub_model_id or str(output_dir),
             dataset_name=cfg.dataset_name if not cfg.train_dir else f"local data ({cfg.train_dir})",
             reconstruction_png=recon.name if recon else None,
-            mask_ratio=cfg.mask_ratio,
+            mask_ratio=model_config.mask_ratio,
             architecture=f"{cfg.model_preset if not cfg.model_name_or_path else cfg.model_name_or_path}: "
             f"{model_config.hidden_size}-d x {model_config.num_hidden_layers} encoder, "
             f"{model_config.decoder_hidden_size}-d x {model_config.decoder_num_hidden_layers} decoder, "
@@ -738,7 +755,9 @@ def main(argv=None) -> int:
             skipped_steps=guard.skipped,
             corrupt_images=corrupt_total,
             pixels=f"{pixel_format.describe()}; mean {stats[0]}, std {stats[1]} ({stats[2]})",
-            config_yaml=config_yaml,
+            # the recipe with the model's own values for the settings left to the checkpoint / preset
+            config_yaml=to_yaml(dataclasses.replace(
+                cfg, mask_ratio=model_config.mask_ratio, norm_pix_loss=model_config.norm_pix_loss)),
         )
         logger.info("exported the model, image processor and model card to %s", output_dir)
         if cfg.push_to_hub:

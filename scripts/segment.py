@@ -56,9 +56,10 @@ class SegmentConfig:
     model_preset: Optional[str] = option(
         None, help="random initialisation from an MAEConfig preset (tests / demo) when no checkpoint",
         choices=MODEL_PRESETS)
-    # MAEConfig fields for `model_preset` ({num_hidden_layers: 4}) or for converting an official .pth whose
-    # width is not a published one ({num_attention_heads: 2})
-    model_config: dict = option({}, help="MAEConfig fields for model_preset or an official .pth, e.g. '{num_hidden_layers: 4}'")
+    # MAEConfig fields over the preset's ({num_hidden_layers: 4}) or the checkpoint's (an official .pth whose
+    # width is not a published one: {num_attention_heads: 2}); a setting with its own field is set there
+    model_config: dict = option(
+        {}, help="MAEConfig fields over the preset's / checkpoint's (not those with a field here), e.g. '{num_hidden_layers: 4}'")
     # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
     num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
     decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
@@ -192,6 +193,7 @@ from modeling_mae.training.model_loading import (  # noqa: E402
     checkpoint_options,
     is_official_checkpoint,
     load_pretrained,
+    merge_model_config,
     read_config_json,
 )
 from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups  # noqa: E402
@@ -240,6 +242,12 @@ def transfer_options(cfg: SegmentConfig) -> dict:
     )
 
 
+def encoder_overrides(cfg: SegmentConfig) -> dict:
+    """MAEConfig overrides of the encoder: `model_config`, the transfer options and the checkpoint options;
+    a setting given both in `model_config` and by its field is refused (`merge_model_config`)."""
+    return merge_model_config(cfg.model_config, {**transfer_options(cfg), **checkpoint_options(cfg)})
+
+
 def load_backbone(cfg: SegmentConfig) -> MAEBackbone:
     """The encoder of any MAE checkpoint (pretraining, encoder or classifier; ours, or converted on the fly
     from an official .pth, a transformers ViTMAE or a timm model: `load_pretrained`).
@@ -249,11 +257,12 @@ def load_backbone(cfg: SegmentConfig) -> MAEBackbone:
     at the crop size, as mmsegmentation builds its MAE backbone at `img_size=(512, 512)`: the tables
     then train at the grid they are used at, and the position table is resized once here instead of
     at every forward."""
-    overrides = transfer_options(cfg)
+    overrides, transfer = encoder_overrides(cfg), transfer_options(cfg)
     fmt, _ = checkpoint_format(cfg.model_name_or_path)
     if fmt != "ours" or checkpoint_options(cfg):  # converted (or resized) as an MAEModel; move its blocks over
-        encoder = load_pretrained(MAEModel, cfg.model_name_or_path, **{**cfg.model_config, **checkpoint_options(cfg)})
-        backbone = MAEBackbone(MAEConfig.from_dict({**encoder.config.to_dict(), "out_features": None, **overrides}))
+        encoder_only = {name: value for name, value in overrides.items() if name not in transfer}
+        encoder = load_pretrained(MAEModel, cfg.model_name_or_path, **encoder_only)
+        backbone = MAEBackbone(MAEConfig.from_dict({**encoder.config.to_dict(), "out_features": None, **transfer}))
         missing = backbone.mae.load_state_dict(encoder.state_dict(), strict=False).missing_keys
         missing = [k for k in missing if k not in log_new_transfer_parameters(missing, backbone.config)]
     else:
@@ -291,8 +300,7 @@ def build_model(cfg: SegmentConfig) -> MAEUperNetForSemanticSegmentation:
     )
     inference = inference_options(cfg)
     if cfg.model_preset is not None:
-        overrides = {**cfg.model_config, **transfer_options(cfg)}
-        backbone_config = MAEConfig.from_preset(cfg.model_preset, **overrides)
+        backbone_config = MAEConfig.from_preset(cfg.model_preset, **encoder_overrides(cfg))
         return MAEUperNetForSemanticSegmentation(
             MAEUperNetConfig(backbone_config=backbone_config, **heads, **labels, **inference))
     if not is_official_checkpoint(cfg.model_name_or_path):

@@ -74,7 +74,7 @@ def export_model(
     model, output_dir: str | os.PathLike, image_processor=None, state_dict: dict | None = None, is_main_process: bool = True
 ) -> Path:
     """`model.save_pretrained(output_dir)` (safetensors, config with `auto_map`, modeling code) and
-    the image processor (the model's default `ViTImageProcessor` unless one is given).
+    the image processor (the model's default `MAEImageProcessor` unless one is given).
 
     `state_dict`: the full weights when the model is sharded (`accelerator.get_state_dict(model)`)."""
     output_dir = Path(output_dir)

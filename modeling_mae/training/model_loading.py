@@ -41,6 +41,9 @@ OFFICIAL_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".bin", ".ckpt", ".sa
 CHECKPOINT_FORMATS = ("ours", "official", "transformers", "timm")
 # Fields the scripts share for checkpoints whose weights do not say everything (see `checkpoint_options`).
 CHECKPOINT_OPTION_FIELDS = ("num_attention_heads", "decoder_num_attention_heads", "image_size")
+# The classifier's Linear: ours, and the official / timm layouts' (fine-tuning `head`, linear probe `head.1`)
+OUR_HEAD_PREFIX = "classifier."
+FOREIGN_HEAD_PREFIXES = ("head.", "head.1.")
 
 
 def is_official_checkpoint(path: str) -> bool:
@@ -51,6 +54,20 @@ def is_official_checkpoint(path: str) -> bool:
 def checkpoint_options(cfg) -> dict:
     """The set `CHECKPOINT_OPTION_FIELDS` of a script config, as keyword arguments of `load_pretrained`."""
     return {name: getattr(cfg, name) for name in CHECKPOINT_OPTION_FIELDS if getattr(cfg, name, None) is not None}
+
+
+def merge_model_config(model_config: dict, fields: dict) -> dict:
+    """A script's `MAEConfig` overrides: its `model_config` mapping plus the script's own fields for MAEConfig
+    settings (`fields`, name -> value; None = not set, so model_config / the checkpoint / MAEConfig decide),
+    as `from_pretrained` keyword arguments override a checkpoint's config. One source per setting: a name
+    set both ways is a ValueError naming both, whatever the values (a field with a recipe default is always set)."""
+    for name, value in fields.items():
+        if value is not None and name in model_config:
+            raise ValueError(
+                f"`model_config` sets {name}={model_config[name]!r} and the field `{name}` sets {value!r}; "
+                f"set it in one place (the field `{name}`)"
+            )
+    return {**model_config, **{name: value for name, value in fields.items() if value is not None}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,11 +160,13 @@ def load_pretrained(
     logger.info("loading %s (%s format) as %s", model_name_or_path, fmt, model_cls.__name__)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        new_head_size = config_overrides.get("num_labels") if model_cls.__name__ == "MAEForImageClassification" else None
         if fmt == "ours":
-            model = _from_ours(model_cls, model_name_or_path, image_size, revision, token, heads, config_overrides)
+            model = _from_ours(model_cls, model_name_or_path, image_size, revision, token, heads, config_overrides,
+                               new_head_size)
         else:
             model = _from_foreign(model_cls, fmt, model_name_or_path, hub_config, image_size, revision, token,
-                                  {**config_overrides, **heads})
+                                  {**config_overrides, **heads}, new_head_size)
     for warning in caught:  # the converter's loud messages also reach the log file (blank ones do not)
         text = str(warning.message).strip()
         if text:
@@ -162,13 +181,30 @@ def load_classifier(model_name_or_path: str, **kwargs):
     return load_pretrained(MAEForImageClassification, model_name_or_path, **kwargs)
 
 
-def _from_ours(model_cls, path, image_size, revision, token, heads, config_overrides):
+def log_new_head(path, checkpoint_labels: int, num_labels: int) -> None:
+    """The one line saying that a classifier checkpoint's head was replaced by a new one of `num_labels`."""
+    logger.warning(
+        "NEW classification head: %s has a %d-class head, this model has num_labels=%d; the encoder is the "
+        "checkpoint's, the head is newly initialised (train it before use)", path, checkpoint_labels, num_labels,
+    )
+
+
+def _from_ours(model_cls, path, image_size, revision, token, heads, config_overrides, new_head_size=None):
     """Our directory / Hub id: transformers' `from_pretrained`; a new `image_size` rebuilds the model at that
-    size with interpolated position tables."""
+    size with interpolated position tables. With `new_head_size` (a classifier's num_labels), a classifier
+    checkpoint's head of another size is replaced by a new one (as `ignore_mismatched_sizes=True`, but
+    only for the head, and said in the log); any other mismatch is an error."""
     if heads:
         logger.info("ignoring %s: %s carries its head counts in config.json", sorted(heads), path)
     hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
-    model, info = model_cls.from_pretrained(path, output_loading_info=True, **hub, **config_overrides)
+    model, info = model_cls.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=new_head_size is not None,
+                                            **hub, **config_overrides)
+    mismatched = {key: tuple(checkpoint_shape) for key, checkpoint_shape, _ in info.get("mismatched_keys") or ()}
+    if any(not key.startswith(OUR_HEAD_PREFIX) for key in mismatched):
+        raise ValueError(f"{path} does not fit {model_cls.__name__} with the given config: shapes differ for "
+                         f"{sorted(mismatched)} (checkpoint {[mismatched[k] for k in sorted(mismatched)]})")
+    if mismatched:
+        log_new_head(path, mismatched[OUR_HEAD_PREFIX + "weight"][0], new_head_size)
     if info["missing_keys"]:
         logger.warning("loaded %s; NEWLY INITIALISED (train before use): %s", path, sorted(info["missing_keys"]))
     if image_size is None:
@@ -188,8 +224,20 @@ def _from_ours(model_cls, path, image_size, revision, token, heads, config_overr
     return resized
 
 
-def _from_foreign(model_cls, fmt, location, hub_config, image_size, revision, token, overrides):
-    """Official file, transformers ViTMAE or timm model -> `model_cls`, through `modeling_mae.conversion`."""
+def without_other_head(state_dict: dict, num_labels: int | None, location) -> dict:
+    """An official / timm state dict without its classifier Linear when that has another number of classes
+    than `num_labels` (the conversion then makes a new head, and says so); unchanged otherwise."""
+    for prefix in FOREIGN_HEAD_PREFIXES:
+        weight = state_dict.get(prefix + "weight")
+        if num_labels is not None and weight is not None and weight.ndim == 2 and weight.shape[0] != num_labels:
+            log_new_head(location, checkpoint_labels=weight.shape[0], num_labels=num_labels)
+            return {k: v for k, v in state_dict.items() if k not in (prefix + "weight", prefix + "bias")}
+    return state_dict
+
+
+def _from_foreign(model_cls, fmt, location, hub_config, image_size, revision, token, overrides, new_head_size=None):
+    """Official file, transformers ViTMAE or timm model -> `model_cls`, through `modeling_mae.conversion`;
+    a classifier head of another size than `new_head_size` is left out (a new one is made)."""
     from modeling_mae.conversion import (
         convert_official_to_mae,
         convert_timm_to_mae,
@@ -201,13 +249,14 @@ def _from_foreign(model_cls, fmt, location, hub_config, image_size, revision, to
     common = dict(model_class=model_cls.__name__, image_size=image_size, allow_unexpected=True, **overrides)
     if fmt == "official":
         checkpoint = load_checkpoint(location)
-        _, model = convert_official_to_mae(checkpoint.state_dict, checkpoint_args=checkpoint.args, **common)
+        state_dict = without_other_head(checkpoint.state_dict, new_head_size, location)
+        _, model = convert_official_to_mae(state_dict, checkpoint_args=checkpoint.args, **common)
     elif fmt == "transformers":
         hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
         _, model = convert_transformers_to_mae(load_transformers_model(location, allow_unexpected=True, **hub), **common)
     else:
         checkpoint = load_checkpoint(_timm_weights(location, revision, token))
-        _, model = convert_timm_to_mae(checkpoint.state_dict, **common)
+        _, model = convert_timm_to_mae(without_other_head(checkpoint.state_dict, new_head_size, location), **common)
     return model
 
 
