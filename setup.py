@@ -24,6 +24,7 @@ setup(
         "numpy",
         "tqdm",
         "jinja2",  # model cards (huggingface_hub ModelCard.from_template)
+        "matplotlib>=3.7",  # training_curves.png of pretraining
     ],
     extras_require={
         "demo": ["scikit-image>=0.22", "tensorboard"],  # the CPU demo's photographs; TensorBoard logs

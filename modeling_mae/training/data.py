@@ -893,10 +893,11 @@ def encode_image(image: Image.Image, format: str = "JPEG", quality: int = 90) ->
     return buffer.getvalue()
 
 
-def write_parquet_shards(examples: list[tuple[bytes, int]], out_dir: str | os.PathLike, num_shards: int = 1) -> list[str]:
+def write_parquet_shards(examples: list[tuple[bytes, int]], out_dir: str | os.PathLike, num_shards: int = 1,
+                         split: str = "train") -> list[str]:
     """Write (image bytes, label) pairs as parquet shards in the `ILSVRC/imagenet-1k` layout:
-    column `image` = {bytes, path} with the `datasets.Image` feature, column `label` int64.
-    Example i goes to shard i % num_shards."""
+    column `image` = {bytes, path} with the `datasets.Image` feature, column `label` int64, files
+    `{split}-0000i-of-0000n.parquet`. Example i goes to shard i % num_shards."""
     import datasets
     import pyarrow.parquet as pq
 
@@ -910,7 +911,7 @@ def write_parquet_shards(examples: list[tuple[bytes, int]], out_dir: str | os.Pa
             {"image": [{"bytes": b, "path": None} for b, _ in rows], "label": [int(lab) for _, lab in rows]},
             features=features,
         ).data.table  # carries the `datasets` features in its schema metadata
-        path = out / f"train-{shard:05d}-of-{num_shards:05d}.parquet"
+        path = out / f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
         pq.write_table(table, str(path))
         paths.append(str(path))
     return paths
@@ -946,16 +947,17 @@ DEMO_IMAGES = (
 
 
 def write_demo_dataset(
-    out_dir: str | os.PathLike, num_crops: int = 4096, crop_size: int = 64, num_shards: int = 4, seed: int = 0
+    out_dir: str | os.PathLike, num_crops: int = 4096, crop_size: int = 64, num_shards: int = 4, seed: int = 0,
+    num_validation_crops: int = 512,
 ) -> list[str]:
     """Cut scikit-image's sample photographs (shipped with the package, no download) into `num_crops`
     random square crops (side 1/8 to 1/2 of the shorter image side, resized to `crop_size`), and write
     them as JPEG parquet shards in the `ILSVRC/imagenet-1k` layout; label = index of the source
-    photograph. Grayscale photographs stay grayscale (the data path makes them RGB); the RGBA logo
-    stays RGBA (as PNG)."""
+    photograph. `num_validation_crops` more crops, drawn apart, are the `validation` split (held-out
+    queries of the k-NN evaluation: which photograph is this crop from?). Grayscale photographs stay
+    grayscale (the data path makes them RGB); the RGBA logo stays RGBA (as PNG)."""
     import skimage.data
 
-    rng = np.random.default_rng(seed)
     photos = []
     for name in DEMO_IMAGES:
         try:
@@ -964,14 +966,22 @@ def write_demo_dataset(
             continue
     if not photos:
         raise RuntimeError("scikit-image ships no sample images here; install scikit-image >= 0.22")
-    examples = []
-    for index in range(num_crops):
-        label = index % len(photos)
-        photo = photos[label]
-        width, height = photo.size
-        side = int(rng.integers(min(width, height) // 8, min(width, height) // 2 + 1))
-        left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
-        crop = photo.crop((left, top, left + side, top + side)).resize((crop_size, crop_size), Image.BICUBIC)
-        fmt = "PNG" if crop.mode in ("RGBA", "P", "LA") else "JPEG"
-        examples.append((encode_image(crop, fmt), label))
-    return write_parquet_shards(examples, out_dir, num_shards=num_shards)
+
+    def crops(count: int, rng) -> list[tuple[bytes, int]]:
+        examples = []
+        for index in range(count):
+            label = index % len(photos)
+            photo = photos[label]
+            width, height = photo.size
+            side = int(rng.integers(min(width, height) // 8, min(width, height) // 2 + 1))
+            left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+            crop = photo.crop((left, top, left + side, top + side)).resize((crop_size, crop_size), Image.BICUBIC)
+            fmt = "PNG" if crop.mode in ("RGBA", "P", "LA") else "JPEG"
+            examples.append((encode_image(crop, fmt), label))
+        return examples
+
+    paths = write_parquet_shards(crops(num_crops, np.random.default_rng(seed)), out_dir, num_shards=num_shards)
+    if num_validation_crops:
+        held_out = crops(num_validation_crops, np.random.default_rng([seed, 1]))
+        paths += write_parquet_shards(held_out, out_dir, num_shards=1, split="validation")
+    return paths

@@ -44,16 +44,21 @@ def is_demo_folder(directory: str | os.PathLike) -> bool:
     return (Path(directory) / DEMO_MARKER).is_file()
 
 
-def ensure_demo_data(directory: str | os.PathLike, write: Callable[[Path], object], field: str = "train_dir") -> bool:
+def ensure_demo_data(directory: str | os.PathLike, write: Callable[[Path], object], field: str = "train_dir",
+                     complete: Callable[[Path], bool] | None = None) -> bool:
     """Write demo data with `write(folder)` into `directory` unless it is already there.
 
     Returns True when it wrote the data; False when it wrote nothing: a complete demo folder (with the
-    marker) was found, or the folder holds files the demo did not write (never mixed with demo data)."""
+    marker, and `complete(folder)` when given: a demo folder of an older version lacking a part is
+    written anew) was found, or the folder holds files the demo did not write (never mixed with demo data)."""
     target = Path(directory).expanduser()
     if target.exists():
-        if is_demo_folder(target):
+        if is_demo_folder(target) and (complete is None or complete(target)):
             return False
-        if not target.is_dir() or any(target.iterdir()):
+        if is_demo_folder(target):
+            logger.info("`create_demo_data`: %r is an older demo folder; writing it anew", str(target))
+            shutil.rmtree(target)
+        elif not target.is_dir() or any(target.iterdir()):
             logger.warning(
                 "`create_demo_data`: `%s` %r holds files not written by the demo; no demo data written into it, "
                 "the run reads it as your data", field, str(target),
