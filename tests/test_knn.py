@@ -90,15 +90,17 @@ def _colour_folder(root, split, per_class, seed):
 
 
 def test_knn_evaluation_loads_both_splits_and_scores_the_queries(tmp_path):
-    from modeling_mae.training.knn import knn_evaluate, load_knn_sets
+    from modeling_mae.training.knn import load_knn_sets
+    from modeling_mae.training.pretraining_evaluation import PretrainingMonitor
     from modeling_mae.training.transforms import normalize_on_device
 
     _colour_folder(tmp_path, "train", 6, 0)
     _colour_folder(tmp_path, "val", 3, 1)
     bank, queries, classes = load_knn_sets((str(tmp_path), "train"), (str(tmp_path), "validation"), 100, 100, 16)
     assert classes == ["blue", "green", "red"] and (len(bank), len(queries)) == (18, 9)
-    results = knn_evaluate(_ColourEncoder(), bank, queries, normalize_on_device, batch_size=4, k=5)
-    assert results == {"knn/cls_top1": 100.0, "knn/mean_top1": 100.0}
+    monitor = PretrainingMonitor(bank, queries, normalize_on_device, device="cpu", batch_size=4, k=5, online_probe=True)
+    results = monitor.evaluate(_ColourEncoder())
+    assert results == {"knn/cls_top1": 100.0, "knn/mean_top1": 100.0, "probe/top1": 100.0}
     # two processes' shares together are the whole sample
     shares = [load_knn_sets((str(tmp_path), "train"), (str(tmp_path), "validation"), 100, 100, 16, rank=r, world_size=2)
               for r in range(2)]

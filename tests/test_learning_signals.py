@@ -46,3 +46,18 @@ def test_rankme_counts_the_effective_rank():
     assert rankme(line) == pytest.approx(1.0, abs=1e-3)
     two = torch.diag(torch.tensor([3.0, 1.0]))  # p = 3/4, 1/4
     assert rankme(two) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-4)
+
+
+def test_batch_signals_leave_the_model_and_the_rng_as_they_were():
+    from modeling_mae.training.pretraining_evaluation import batch_signals, collapse_warning
+
+    model = _model(True).train()
+    pixels = torch.randn(4, 3, 32, 32)
+    out = model(pixels)
+    state = torch.get_rng_state()
+    signals = batch_signals(model, pixels, out)
+    assert torch.equal(torch.get_rng_state(), state) and model.training and model.mae.training
+    assert signals["train/loss_vs_trivial"] == pytest.approx(out.loss.item() / signals["train/trivial_loss"], rel=1e-6)
+    assert 0 < signals["features/spread"] and 1 <= signals["features/rankme"] <= 4
+    assert collapse_warning(signals) is None
+    assert "feature collapse" in collapse_warning({"features/spread": 0.01, "features/rankme": 1.0})

@@ -1,8 +1,8 @@
 """k-nearest-neighbour evaluation of an MAE encoder's features, the protocol of DINO (Caron et al. 2021,
 `eval_knn.py`): "is my pretraining learning anything?" answered on labelled images, without training a head.
 
-    bank = encoder_features(model, bank_pixels)          # {"cls": (N, D), "mean": (N, D)}, unmasked encoder
-    query = encoder_features(model, query_pixels)
+    bank = encoder_features(model.mae, bank_pixels)      # {"cls": (N, D), "mean": (N, D)}, unmasked encoder
+    query = encoder_features(model.mae, query_pixels)
     scores = knn_scores(query["cls"], bank["cls"], bank_labels, num_classes, k=20, temperature=0.07)  # (Q, C)
     knn_accuracy(scores, query_labels)                    # {"top1": ..., "top5": ...} in %
 
@@ -197,31 +197,3 @@ def images_features(encoder, images: LabelledImages, normalize, batch_size: int,
         for name, value in features.items():
             out[name].append(value.float())
     return {name: torch.cat(values) if values else torch.zeros(0) for name, values in out.items()}
-
-
-@torch.no_grad()
-def knn_evaluate(encoder, bank: LabelledImages, queries: LabelledImages, normalize, *, batch_size: int = 256,
-                 device="cpu", dtype=torch.float32, accelerator=None, k: int = DEFAULT_K,
-                 temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
-    """k-NN top-1 (and top-5 above 5 classes) of the CLS and mean-pooled features, queries against the bank,
-    over every process's share (gathered): {"knn/cls_top1": ..., "knn/mean_top1": ..., ...} in %.
-
-    The encoder runs in eval mode (no dropout / drop path, no mask, no random numbers drawn) and is put
-    back in the mode it was in, so the training run is the same with or without evaluation."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        bank_features = images_features(encoder, bank, normalize, batch_size, device, dtype)
-        query_features = images_features(encoder, queries, normalize, batch_size, device, dtype)
-    finally:
-        encoder.train(was_training)
-    bank_labels = _gather(bank.labels.to(device), accelerator)
-    query_labels = _gather(queries.labels.to(device), accelerator)
-    num_classes = int(max(bank_labels.max(), query_labels.max()).item()) + 1 if len(bank_labels) and len(query_labels) else 1
-    results = {}
-    for pooling in ("cls", "mean"):
-        scores = knn_scores(_gather(query_features[pooling], accelerator), _gather(bank_features[pooling], accelerator),
-                            bank_labels, num_classes, k, temperature)
-        for name, value in knn_accuracy(scores, query_labels, topk=(1, 5) if num_classes > 5 else (1,)).items():
-            results[f"knn/{pooling}_{name}"] = value
-    return results
