@@ -64,19 +64,10 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
 
 
 def to_rgb_image(image: Image.Image) -> Image.Image:
-    """Any PIL image -> RGB: palette and alpha composited on white, 16-bit / float rescaled to 8 bits."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        lo, hi = float(array.min()), float(array.max())
-        image = Image.fromarray(((array - lo) / max(hi - lo, 1e-6) * 255.0).astype(np.uint8), mode="L")
-    return image.convert("RGB")
+    """Any PIL image -> RGB with PIL's `convert("RGB")`: what transformers' `load_image` (every pipeline),
+    timm's and torchvision's image loaders do, so a model is trained and served on the same pixels
+    (alpha dropped, palette colours, 16-bit / float values clipped to 0-255)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ class FinetuneConfig:
     num_labels: int | None = option(None, help="classes; default: from the ClassLabel feature, else max label + 1")
     create_demo_data: bool = option(
         False, help="no data named: train on synthetic 4-class folders written once into outputs/demo_cls")
-    max_train_samples: int | None = option(None, help="use only the first N training examples")
-    max_eval_samples: int | None = option(None, help="use only the first N validation examples")
+    max_train_samples: int | None = option(None, help="use only N training examples, drawn at random (seed)")
+    max_eval_samples: int | None = option(None, help="use only N validation examples, drawn at random (seed)")
     dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
     max_corrupt_fraction: float = option(
         0.1, help="stop when more of a split than this share cannot be decoded (the rest are skipped)")

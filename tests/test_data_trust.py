@@ -277,3 +277,112 @@ def test_a_parquet_dataset_repository_streams_its_split_in_a_seeded_file_order(t
     source = load_source(dataset_name=str(root), split="train", seed=1)
     orders = {tuple(Path(f).name for f in source.files_for_epoch(epoch)) for epoch in range(6)}
     assert len(orders) == 2  # two shards: both orders are drawn over six epochs
+
+
+# ---- what a reviewer found after the first fixes -------------------------------------------------------
+def test_a_class_folder_named_like_a_split_is_refused_not_read_as_the_split(tmp_path):
+    """CIFAR-100 has a class "train", Places365 "train_station": `datasets`' rules make it a split of its own,
+    and the other classes would silently be dropped."""
+    for cls in ("ant", "bee", "train", "cat"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "1.jpg").write_bytes(smooth_images(1)[0][0])
+    with pytest.raises(ValueError, match=r"3 of its 4 data files belong to none .*class folder named like a split") as info:
+        detect_local_format(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_hub_image_folder_repository_streams_in_a_new_file_order_every_epoch(tmp_path):
+    from modeling_mae.training.data import FileShardSource
+
+    root = _sorted_image_folder(tmp_path / "repo" / "train", classes=3, per_class=8).parent
+    source = load_source(dataset_name=str(root), split="train", seed=0)
+    assert isinstance(source, FileShardSource) and source.builder == "imagefolder"
+    stream = ImageStream(source, TrainTransform(32), batch_size=8, shuffle_window=1)
+    orders = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        labels = _labels(stream)
+        assert sorted(labels) == sorted([c for c in range(3) for _ in range(8)])
+        assert len(set(labels[:8])) >= 2  # today: class 0 first, every epoch
+        orders.append(labels)
+    assert orders[0] != orders[1]
+
+
+def test_a_16_bit_colour_png_is_refused_not_read_as_8_bits(tmp_path):
+    from modeling_mae.training.pixels import PixelFormatError, decode_array
+
+    import zlib, struct  # noqa: E401  a 2x1 16-bit RGB PNG written by hand (Pillow cannot write one)
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    raw = b"\x00" + struct.pack(">6H", 1000, 1200, 65000, 3, 4, 5)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 1, 16, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    (tmp_path / "deep.png").write_bytes(png)
+    with pytest.raises(PixelFormatError, match="16-bit RGB PNG, which Pillow reads as 8 bits"):
+        decode_array(str(tmp_path / "deep.png"))
+    with pytest.raises(PixelFormatError):
+        probe_pixel_format([png])  # not skipped as corrupt: the user must know
+
+
+def test_a_channels_first_array_is_refused(tmp_path):
+    from modeling_mae.training.pixels import PixelFormatError, decode_array
+
+    np.save(tmp_path / "bands.npy", np.zeros((4, 48, 48), np.uint16))  # rasterio's read(): (C, H, W)
+    with pytest.raises(PixelFormatError, match=r"\(4, 48, 48\), which looks channels-first"):
+        decode_array(str(tmp_path / "bands.npy"))
+    assert decode_array(np.zeros((48, 48, 4), np.uint16)).shape == (48, 48, 4)
+
+
+def test_webdataset_examples_are_counted_as_datasets_groups_them(tmp_path):
+    import tarfile
+
+    with tarfile.open(tmp_path / "train-0000.tar", "w") as tar:
+        for key in ("a.b/one", "a.b/two", "./three"):
+            for ext, payload in (("jpg", smooth_images(1)[0][0]), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    streamed = len(list(make_dataloader(ImageStream(load_source(train_dir=str(tmp_path)), TrainTransform(32)))))
+    assert count_examples(str(tmp_path)) == streamed == 3
+
+
+def test_an_image_folder_with_metadata_parquet_is_an_image_folder(tmp_path):
+    _sorted_image_folder(tmp_path, classes=2, per_class=2)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.jpg"))
+    pq.write_table(pa.table({"file_name": files, "caption": ["x"] * len(files)}), str(tmp_path / "metadata.parquet"))
+    assert detect_local_format(tmp_path)[0] == "imagefolder"
+
+
+def test_max_eval_samples_of_a_class_sorted_folder_keeps_every_class(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    from modeling_mae.training.classification_data import load_classification_splits
+
+    _sorted_image_folder(tmp_path / "train", classes=4, per_class=10)
+    _sorted_image_folder(tmp_path / "val", classes=4, per_class=10)
+    cfg = SimpleNamespace(dataset_name=None, dataset_config_name=None, train_dir=str(tmp_path / "train"),
+                          validation_dir=str(tmp_path / "val"), train_split="train", validation_split="validation",
+                          image_column=None, label_column=None, hub_token=None, max_train_samples=12,
+                          max_eval_samples=10, seed=0, label_names=None, num_labels=None)
+    splits = load_classification_splits(cfg, PartialState())
+    assert len(splits.validation) == 10 and len(splits.train) == 12
+    assert len(set(splits.validation["label"])) >= 3  # today: the first 10 = class 0 only
+    assert len(set(splits.train["label"])) >= 3
+
+
+def test_files_of_unequal_size_over_processes_are_said_in_a_warning(tmp_path):
+    examples = smooth_images(24)
+    for index, (start, stop) in enumerate(((0, 3), (3, 6), (6, 9), (9, 24))):
+        write_parquet_shards(examples[start:stop], tmp_path / f"part{index}", num_shards=1)
+    source = load_source(train_dir=str(tmp_path))
+    counts = source.examples_per_process(0, 2)
+    assert sum(counts) == 24 and max(counts) > min(counts)  # the 15-example file makes one share larger
+    with pytest.warns(UserWarning, match=r"unequal numbers of examples: the 2 processes get \[\d+, \d+\]"):
+        split_for_process(source, 0, 2, num_workers=1)

@@ -55,17 +55,21 @@ def test_to_rgb_converts_every_mode():
     assert to_rgb(gray).mode == "RGB" and to_rgb(gray).getpixel((0, 0)) == (100, 100, 100)
     cmyk = Image.new("CMYK", (4, 3), (0, 0, 0, 0))
     assert to_rgb(cmyk).getpixel((1, 1)) == (255, 255, 255)
-    rgba = Image.new("RGBA", (4, 3), (10, 20, 30, 0))  # fully transparent -> white, not black
-    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    # as transformers' load_image (every pipeline), timm's and torchvision's loaders: PIL's convert("RGB"),
+    # so that a served model sees the training pixels: alpha dropped, 16-bit values clipped to 255
+    rgba = Image.new("RGBA", (4, 3), (10, 20, 30, 0))
+    rgba.putpixel((0, 0), (40, 50, 60, 255))
     converted = to_rgb(rgba)
-    assert converted.getpixel((1, 1)) == (255, 255, 255) and converted.getpixel((0, 0)) == (10, 20, 30)
+    assert converted.getpixel((1, 1)) == (10, 20, 30) and converted.getpixel((0, 0)) == (40, 50, 60)
     palette = Image.new("P", (4, 3), 1)
     palette.putpalette([0, 0, 0, 200, 50, 25] + [0] * 762)
     assert to_rgb(palette).getpixel((2, 2)) == (200, 50, 25)
     palette.info["transparency"] = 1
-    assert to_rgb(palette).getpixel((2, 2)) == (255, 255, 255)
-    deep = Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16))
-    assert to_rgb(deep).getpixel((0, 0)) == (0, 0, 0) and to_rgb(deep).getpixel((1, 1)) == (255, 255, 255)
+    assert to_rgb(palette).getpixel((2, 2)) == (200, 50, 25)
+    deep = Image.fromarray(np.array([[0, 100], [2000, 4000]], dtype=np.uint16))
+    assert to_rgb(deep).getpixel((1, 0)) == (100, 100, 100) and to_rgb(deep).getpixel((1, 1)) == (255, 255, 255)
+    for image in (rgba, palette, deep, cmyk, gray):
+        assert to_rgb(image).tobytes() == image.convert("RGB").tobytes()
     rgb = Image.new("RGB", (2, 2))
     assert to_rgb(rgb) is rgb
 
@@ -81,7 +85,7 @@ def test_train_transform_reads_jpegs_of_any_mode(mode):
 def test_train_transform_reads_png_with_alpha():
     image = Image.new("RGBA", (60, 50), (255, 0, 0, 0))
     out = TrainTransform(16).from_bytes(encode(image, "PNG"))
-    assert out.shape == (3, 16, 16) and int(out.min()) == 255  # transparent -> white
+    assert out.shape == (3, 16, 16) and out[0].min() == 255 and out[1:].max() == 0  # alpha dropped, as load_image
 
 
 # ---- the crop distribution -----------------------------------------------------------------------------

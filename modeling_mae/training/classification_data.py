@@ -370,10 +370,11 @@ def load_classification_splits(cfg, accelerator) -> ClassificationSplits:
             f"no label column found (train: {label_col!r}, validation: {val_label_col!r}); pass `label_column` "
             f"(image folders: one sub-folder per class)"
         )
-    if cfg.max_train_samples:
-        train = train.select(range(min(cfg.max_train_samples, len(train))))
-    if cfg.max_eval_samples:
-        val = val.select(range(min(cfg.max_eval_samples, len(val))))
+    # a random subset (seeded), never the first n: an image folder is listed class by class
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        train = train.shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(val):
+        val = val.shuffle(seed=cfg.seed).select(range(cfg.max_eval_samples))
     given = list(getattr(cfg, "label_names", None) or [])
     names = given or split_label_names(train, label_col)
     if names is None:

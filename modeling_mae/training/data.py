@@ -72,6 +72,8 @@ IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "tif", 
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target", "fine_label")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 ARRAY_EXTENSIONS = (".npy",)  # multi-band arrays (H, W) or (H, W, C); see `pixels.py`
+DATA_EXTENSIONS = (".parquet", ".tar") + IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # read by `datasets`' imagefolder
 
 
 class DatasetAccessError(ExpectedError, RuntimeError):
@@ -91,7 +93,6 @@ LOCAL_LAYOUTS = (
 )
 
 
-IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # read by `datasets`' imagefolder
 
 
 def _readable_image(paths: list[Path], tries: int = 16) -> bool:
@@ -114,7 +115,8 @@ def split_data_files(root: Path, split: str, field: str = "train_dir") -> list[P
     names, ...), absolute and sorted, hidden files and folders left out.
 
     A folder without split names is one split, whichever split is asked for (the folder *is* that split);
-    a folder with split names but none for `split` is a one-line error naming the splits it has."""
+    a folder with split names but none for `split` is a one-line error naming the splits it has, and so is
+    one whose data files do not all belong to a split (a class folder named `train`, `test_tube`, ...)."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     root = root.resolve()
@@ -124,18 +126,32 @@ def split_data_files(root: Path, split: str, field: str = "train_dir") -> list[P
         patterns = {}
     splits = [str(name) for name in patterns]
     if not patterns or (splits == ["train"] and list(patterns.values())[0] == ["**"]):  # no split structure
-        files = list(root.rglob("*"))
+        files = _visible_files(root)
     elif split not in splits:
         raise ValueError(
             f"`{field}` {str(root)!r} holds the splits {splits} (named as `datasets` names them), not {split!r}: "
-            f"choose one of them"
+            f"choose one of them (or, if a class folder is named like a split, point `{field}` at the split's folder)"
         )
     else:
-        resolved = DataFilesDict.from_patterns({split: patterns[split]}, base_path=str(root))[split]
-        files = [Path(str(f).removeprefix("file://")) for f in resolved]
-    return sorted(
-        p for p in files if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+        resolved = DataFilesDict.from_patterns(patterns, base_path=str(root))
+        assigned = {Path(str(f).removeprefix("file://")) for name in resolved for f in resolved[name]}
+        data = {p for p in _visible_files(root) if p.suffix.lower() in DATA_EXTENSIONS}
+        if data - assigned:
+            # `datasets` names splits by words in paths: a class folder "train" (CIFAR-100) or "train_station"
+            # (Places365) makes a split of its own, and the other classes belong to none
+            left = sorted(data - assigned)
+            raise ValueError(
+                f"`{field}` {str(root)!r}: `datasets`' file-name rules find the splits {splits} in its paths, but "
+                f"{len(left)} of its {len(data)} data files belong to none (e.g. {str(left[0].relative_to(root))!r}): "
+                f"a class folder named like a split? Point `{field}` at the split's own folder, or rename it"
+            )
+        files = [Path(str(f).removeprefix("file://")) for f in resolved[split]]
+    visible = set(_visible_files(root))
+    return sorted(p for p in files if p in visible)
+
+
+def _visible_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
 
 
 def detect_local_format(train_dir: str | os.PathLike, field: str = "train_dir", split: str = "train") -> tuple[str, dict]:
@@ -153,7 +169,7 @@ def detect_local_format(train_dir: str | os.PathLike, field: str = "train_dir", 
     if not any(p.is_file() and not p.name.startswith(".") for p in root.rglob("*")):
         raise ValueError(f"`{field}` {str(root)!r} is empty (expected {LOCAL_LAYOUTS})")
     files = split_data_files(root, split, field)
-    parquet = [str(p) for p in files if p.suffix == ".parquet"]
+    parquet = [str(p) for p in files if p.suffix == ".parquet" and p.name not in IMAGEFOLDER_METADATA]
     tars = [str(p) for p in files if p.suffix == ".tar"]
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     arrays = [str(p) for p in files if p.suffix.lower() in ARRAY_EXTENSIONS]
@@ -219,9 +235,11 @@ def load_source(
             # `datasets` resolves them, streamed in an order drawn from (seed, epoch) like a local folder
             builder = datasets.load_dataset_builder(dataset_name, dataset_config_name, token=token)
             files = (builder.config.data_files or {}).get(split)
-            if builder.name in ("parquet", "webdataset") and files:
+            if builder.name in ("parquet", "webdataset", "imagefolder") and files:
+                splits = builder.info.splits or {}
+                known = splits[split].num_examples if split in splits and splits[split].num_examples else None
                 return FileShardSource(builder.name, list(files), split, seed=seed, features=builder.info.features,
-                                       token=token)
+                                       token=token, remote=True, num_examples=known)
         return datasets.load_dataset(
             dataset_name, dataset_config_name, split=split, streaming=streaming, token=token
         )
@@ -264,10 +282,12 @@ class FileShardSource:
     column changes are replayed on the dataset of every later epoch."""
 
     def __init__(self, builder: str, files, split: str = "train", metadata_files=(), seed: int = 0,
-                 rank: int = 0, world_size: int = 1, epoch: int = 0, steps: tuple = (), features=None, token=None):
+                 rank: int = 0, world_size: int = 1, epoch: int = 0, steps: tuple = (), features=None, token=None,
+                 remote: bool = False, num_examples: int | None = None):
         self.builder, self.files, self.split = builder, list(files), split
         self.metadata_files = list(metadata_files)
         self.features_given, self.token = features, token  # a Hub dataset's own features (class names); its token
+        self.remote, self.num_examples = remote, num_examples  # Hub files (read by `datasets` only); the split's size
         self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), int(epoch)
         self._steps = tuple(steps)  # (method name, args) replayed on each epoch's dataset
         self._dataset = None
@@ -275,7 +295,7 @@ class FileShardSource:
     # ---- what the permutation gives ------------------------------------------------------------
     @property
     def num_shards(self) -> int:
-        return 1 if self.builder == "imagefolder" and self.metadata_files else len(self.files)
+        return 1 if self.builder == "imagefolder" and (self.metadata_files or self.remote) else len(self.files)
 
     n_shards = num_shards
 
@@ -284,6 +304,15 @@ class FileShardSource:
         order = np.random.default_rng(_seed_of(self.seed, epoch, 0x5AD5)).permutation(len(self.files))
         return [self.files[i] for i in order]
 
+    def examples_per_process(self, epoch: int, world_size: int) -> list[int] | None:
+        """Examples each process reads in `epoch` (files `rank::world_size` of the epoch's order), for local
+        files; None when unknown (Hub files)."""
+        if self.remote or self.num_shards % world_size:
+            return None
+        per_file = {f: count_examples(self._with(files=[f], metadata_files=[])) for f in self.files}
+        order = self.files_for_epoch(epoch)
+        return [sum(per_file[f] for f in order[rank::world_size]) for rank in range(world_size)]
+
     def _build(self):
         import datasets
 
@@ -291,9 +320,11 @@ class FileShardSource:
         if self.builder in ("parquet", "webdataset"):
             dataset = datasets.load_dataset(self.builder, data_files={self.split: files}, split=self.split,
                                             streaming=True, features=self.features_given, token=self.token)
-        elif self.builder == "imagefolder" and self.metadata_files:
+        elif self.builder == "imagefolder" and (self.metadata_files or self.remote):
+            # datasets' own imagefolder (Hub files, metadata files): one shard, the images in this epoch's order
             dataset = datasets.load_dataset(
-                "imagefolder", data_files={self.split: files + self.metadata_files}, split=self.split, streaming=True
+                "imagefolder", data_files={self.split: files + self.metadata_files}, split=self.split, streaming=True,
+                features=self.features_given, token=self.token,
             )
         else:
             labels = folder_labels(self.files)
@@ -322,7 +353,7 @@ class FileShardSource:
     def _with(self, **changes) -> "FileShardSource":
         values = dict(builder=self.builder, files=self.files, split=self.split, metadata_files=self.metadata_files,
                       seed=self.seed, rank=self.rank, world_size=self.world_size, epoch=self.epoch, steps=self._steps,
-                      features=self.features_given, token=self.token)
+                      features=self.features_given, token=self.token, remote=self.remote, num_examples=self.num_examples)
         return FileShardSource(**{**values, **changes})
 
     # ---- the IterableDataset interface the scripts use -----------------------------------------------
@@ -450,6 +481,13 @@ def split_for_process(source, rank: int, world_size: int, num_workers: int = 0, 
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
     if isinstance(source, FileShardSource):
+        counts = source.examples_per_process(0, world_size) if world_size > 1 and not problem else None
+        if counts and max(counts) > min(counts):
+            # the epoch ends for every process when the smallest share runs out (no process waits on a sync)
+            warnings.warn(
+                f"the files hold unequal numbers of examples: the {world_size} processes get {counts} examples this "
+                f"epoch, and every epoch ends when the smallest share does ({sum(counts) - world_size * min(counts)} "
+                f"examples unused per epoch, other ones each epoch). Files of equal size spread evenly.", stacklevel=2)
         return source.for_process(rank, world_size)  # every epoch's file order, then this process's files
     if world_size > 1:
         source = split_dataset_by_node(source, rank=rank, world_size=world_size)
@@ -857,6 +895,8 @@ def count_examples(source_or_dir, split: str = "train") -> int | None:
     (webdataset samples = distinct keys), or image / array files, of the split's files only
     (`detect_local_format`). None when unknown."""
     if isinstance(source_or_dir, FileShardSource):
+        if source_or_dir.remote:  # never open every Hub shard to count: the dataset card's split size, if any
+            return source_or_dir.num_examples
         fmt, files = source_or_dir.builder, source_or_dir.files
     elif isinstance(source_or_dir, (str, os.PathLike)):
         fmt, kwargs = detect_local_format(source_or_dir, split=split)
@@ -874,10 +914,12 @@ def count_examples(source_or_dir, split: str = "train") -> int | None:
     if fmt == "webdataset":
         import tarfile
 
+        from datasets.packaged_modules.webdataset.webdataset import base_plus_ext  # its own key rule
+
         total = 0
         for f in files:
             with tarfile.open(f) as tar:
-                keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+                keys = {(base_plus_ext(m.name) or (m.name,))[0] for m in tar.getmembers() if m.isfile()}
             total += len(keys)
         return total
     return len(files)

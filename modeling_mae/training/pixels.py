@@ -45,6 +45,7 @@ from ..image_processing_mae import (  # noqa: F401 (SINGLE_CHANNEL_MODES, BIT_DE
 
 
 NPY_MAGIC = b"\x93NUMPY"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def decode_array(cell: Any, dtype: str | None = None) -> np.ndarray:
     (`transforms.to_rgb`); `L`, `I;16`, `I`, `F` stay one channel with their values. Array cells (a Hub
     dataset's Array3D column, a webdataset `.npy`) take `dtype` (see `feature_dtype`) when given."""
     if isinstance(cell, np.ndarray) or isinstance(cell, list):
-        array = np.asarray(cell, dtype=dtype)
+        array = check_channels_last(np.asarray(cell, dtype=dtype))
     elif isinstance(cell, Image.Image):
         array = _pil_array(cell)
     else:
@@ -110,7 +111,13 @@ def decode_array(cell: Any, dtype: str | None = None) -> np.ndarray:
         if not data:
             raise ValueError("empty image cell")
         if data[:6] == NPY_MAGIC:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
+            array = check_channels_last(np.load(io.BytesIO(data), allow_pickle=False), path)
+        elif data[:8] == PNG_MAGIC and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6):
+            # Pillow reads 16-bit colour / gray+alpha PNGs as 8 bits, dropping the low byte without a word
+            raise PixelFormatError(
+                f"{path or 'an image'} is a 16-bit {'RGB' if data[25] != 4 else 'gray + alpha'} PNG, which Pillow "
+                f"reads as 8 bits (the low byte lost): save it as 16-bit TIFF or .npy (H, W, C), or as 8-bit PNG"
+            )
         elif data[:4] in TIFF_MAGICS and _tiff_needs_tifffile(data):
             array = _read_tiff(data)
         else:
@@ -121,6 +128,17 @@ def decode_array(cell: Any, dtype: str | None = None) -> np.ndarray:
         array = array[:, :, None]
     if array.ndim != 3:
         raise ValueError(f"an image array must be (H, W) or (H, W, C), got shape {array.shape}")
+    return array
+
+
+def check_channels_last(array: np.ndarray, name: str | None = None) -> np.ndarray:
+    """Arrays are (H, W, C): a (C, H, W) one (rasterio's `read()`, torch's layout) would silently become an
+    image C pixels tall with H channels, so a small first axis before two large ones is refused in one line."""
+    if array.ndim == 3 and array.shape[0] <= 16 < min(array.shape[1], array.shape[2]):
+        raise PixelFormatError(
+            f"{name or 'an array'} has shape {tuple(array.shape)}, which looks channels-first (C, H, W); arrays are "
+            f"read as (H, W, C): save np.moveaxis(array, 0, -1)"
+        )
     return array
 
 
@@ -188,6 +206,8 @@ class ReadableArrays:
             name = names[index] if names else f"image {index}"
             try:
                 array = decode_array(cell)
+            except PixelFormatError:  # readable, but not as the data path reads it: the user must know
+                raise
             except Exception as err:  # what `data.ImageStream` counts as a corrupt image
                 self.skipped.append(f"{name} ({type(err).__name__}: {err})")
                 logger.warning("%s: skipping undecodable image %s: %s: %s", self.purpose, name, type(err).__name__, err)

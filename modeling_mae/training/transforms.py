@@ -27,26 +27,14 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop as _TorchvisionRandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from ..image_processing_mae import apply_exif_orientation, eval_resize_size, resize_and_center_crop  # noqa: F401
+from ..image_processing_mae import apply_exif_orientation, eval_resize_size, resize_and_center_crop, to_rgb_image  # noqa: F401
 from ..modeling_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: F401 (re-exported)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> RGB. Palette and alpha images are composited on white first so transparent
-    pixels do not turn black; 16-bit / float images are rescaled to 8 bits."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        lo, hi = float(array.min()), float(array.max())
-        array = (array - lo) / max(hi - lo, 1e-6) * 255.0
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
-    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    """Any PIL image -> RGB, as the exported processor and transformers' pipelines convert it
+    (`image_processing_mae.to_rgb_image`: PIL's `convert("RGB")`)."""
+    return to_rgb_image(image)
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
