@@ -263,6 +263,28 @@ class ArrayTrainTransform:
         return f"ArrayTrainTransform(size={s.size}, scale={s.scale}, ratio={s.ratio}, hflip={s.hflip})"
 
 
+class ArrayEvalTransform:
+    """The evaluation transform of `transforms.EvalTransform` on a float (C, H, W) tensor, any channel
+    count: the shorter side resized to size / crop_pct (bicubic, antialiased), then the centre crop."""
+
+    def __init__(self, size, crop_pct: float = 1.0):
+        from .transforms import eval_resize_size
+
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.crop_pct = float(crop_pct)
+        eval_resize_size(self.size, self.crop_pct)  # validates crop_pct
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        from .transforms import eval_resize_size
+
+        height, width = pixels.shape[-2:]
+        short = eval_resize_size(self.size, self.crop_pct)
+        new_hw = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+        if tuple(new_hw) != (height, width):
+            pixels = TF.resize(pixels, list(new_hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return TF.center_crop(pixels, list(self.size))
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-channel statistics
 # --------------------------------------------------------------------------------------------------

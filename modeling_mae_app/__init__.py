@@ -1,0 +1,8 @@
+"""The reconstruction page: a Gradio app for any pretrained MAE, locally or as a Hub Space.
+
+    python app.py --model outputs/mae-demo        # our export, a transformers ViTMAE folder, an official .pth
+
+`reconstruction.py` is the page's logic without its UI (load a model, prepare an image, five panels) and
+imports no Gradio; `ui.py` is the Gradio page and the command line. The repository's `app.py` is a thin
+launcher, and the pretraining export copies it, with this code, into a Space (`space.py`).
+"""
