@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,7 +213,6 @@ class Reconstruction:
     num_patches: int
     window: str  # what the display window was, in words
     caption: str  # the masking and, for norm_pix models, how predicted patches were un-normalised
-    seconds: float  # the model's forward pass and the panels
 
 
 def reconstruct_image(
@@ -241,14 +239,13 @@ def reconstruct_image(
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
     if pixel_values.ndim != 4 or pixel_values.shape[0] != 1:
         raise ValueError(f"pixel_values must be one image (1, C, H, W), got {tuple(pixel_values.shape)}")
-    start = time.perf_counter()
     model = loaded.model
     out = reconstruct(model, pixel_values, float(mask_ratio), mask_strategy, int(seed))
     channels = shown_channels(loaded.num_channels, bands)
     mean = np.array([loaded.mean[c] for c in channels])
     std = np.array([loaded.std[c] for c in channels])
     original = out["original"][0, list(channels)]  # (c, H, W) normalised
-    low, high, window_text = display_window(original, mean, std, window, len(channels) == 3 and bands is not None)
+    low, high, window_text = display_window(original, mean, std, window, per_channel=loaded.num_channels not in (1, 3))
     # the window folded into the normalisation: (x * std + mean - low) / (high - low), via to_uint8_image
     shown_mean, shown_std = (mean - low) / (high - low), std / (high - low)
     scale = upscale_factor(*original.shape[-2:])
@@ -265,8 +262,7 @@ def reconstruct_image(
     num_removed = int(removed.sum())
     loss = float(patch_loss[removed].mean()) if num_removed else 0.0
     text = caption(model, mask_ratio, mask_strategy, seed, None)
-    return Reconstruction(panels, loss, error_max, num_removed, grid[0] * grid[1], window_text, text,
-                          time.perf_counter() - start)
+    return Reconstruction(panels, loss, error_max, num_removed, grid[0] * grid[1], window_text, text)
 
 
 def shown_channels(num_channels: int, bands) -> tuple[int, ...]:
@@ -295,7 +291,8 @@ def display_window(original: torch.Tensor, mean, std, window: str, per_channel: 
         high = np.full(channels, np.percentile(pixels, hi_q))
     high = np.maximum(high, low + 1e-6)  # a flat image: any window shows it
     where = "per band" if per_channel else "over all channels"
-    values = ", ".join(f"[{a:.4g}, {b:.4g}]" for a, b in zip(low, high)) if per_channel else f"[{low[0]:.4g}, {high[0]:.4g}]"
+    pairs = zip(low, high) if per_channel else [(low[0], high[0])]
+    values = ", ".join(f"[{a:.4g}, {b:.4g}]" for a, b in pairs)
     return low, high, f"image window ({lo_q:g}-{hi_q:g} percentile of the original, {where}): {values}"
 
 
@@ -321,12 +318,14 @@ def _upscale(rgb: np.ndarray, factor: int) -> np.ndarray:
 EXAMPLE_PHOTOGRAPHS = ("astronaut", "coffee", "chelsea")
 
 
-def example_images(model_dir: str | None, folder: str | Path) -> list[str]:
+def example_images(loaded: LoadedModel, model_dir: str | None, folder: str | Path) -> list[str]:
     """Files for the page's examples: a model directory's own `examples/` folder, else (for 8-bit gray or RGB
     models) scikit-image's sample photographs, written once as PNG into `folder`; [] when neither exists."""
     if model_dir and (Path(model_dir) / "examples").is_dir():
         return sorted(str(p) for p in (Path(model_dir) / "examples").iterdir() if p.is_file())
-    return write_example_photographs(folder)
+    if loaded.num_channels in (1, 3) and tuple(loaded.value_range) == BIT_DEPTH_RANGES["uint8"]:
+        return write_example_photographs(folder)
+    return []
 
 
 def write_example_photographs(folder: str | Path, names=EXAMPLE_PHOTOGRAPHS, fmt: str = "png") -> list[str]:

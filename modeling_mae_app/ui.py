@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,8 +32,8 @@ PANEL_LABELS = {
     "original": "original",
     "masked": "masked",
     "reconstruction": "reconstruction",
-    "pasted": "reconstruction + visible patches",
-    "error": "per-patch error (removed patches; visible: gray)",
+    "pasted": "recon. + visible patches",
+    "error": "error per patch (visible: gray)",
 }
 IMAGE_FILE_TYPES = ["image", ".npy", ".tif", ".tiff"]
 
@@ -47,21 +48,24 @@ class AppConfig:
     num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
     decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
     crop_pct: float = option(1.0, help="resize the shorter side to size / crop_pct, then centre-crop the model's size")
+    num_threads: Optional[int] = option(None, help="CPU threads (torch.set_num_threads); default: torch's (all cores)")
     host: Optional[str] = option(None, help="address to listen on; default 127.0.0.1 (GRADIO_SERVER_NAME)")
     port: Optional[int] = option(None, help="port; default 7860 or the next free one (GRADIO_SERVER_PORT)")
 
     def __post_init__(self):
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
-def info_markdown(result, loaded, scale_note: str | None) -> str:
-    """The numbers under the panels: the loss, the error map's scale, the window, the time."""
+def info_markdown(result, loaded, seconds: float, scale_note: str | None) -> str:
+    """The numbers under the panels: the loss, the error map's scale, the window, the time (decode to panels)."""
     lines = [
         f"**Loss** (mean per-patch error over the {result.num_removed} removed of {result.num_patches} patches, "
         f"in the loss's space): **{result.loss:.4f}**. Error map: 0 (dark purple) to {result.error_max:.4g} "
         f"(yellow); visible patches gray.",
-        f"{result.caption} Display: {result.window}. {result.seconds:.2f} s on {loaded.model.device}.",
+        f"{result.caption} Display: {result.window}. {seconds:.2f} s on {loaded.model.device} (decode to panels).",
     ]
     if scale_note:
         lines.append(f"Note: {scale_note}.")
@@ -83,6 +87,7 @@ def build_demo(loaded, examples: list[str] | None = None):
     def run(path, mask_ratio, mask_strategy, seed, window, red, green, blue):
         if not path:
             return [None] * len(PANELS) + ["Upload an image or pick an example."]
+        start = time.perf_counter()
         try:
             array = decode_array(path)
             pixel_values = loaded.prepare(array)
@@ -91,7 +96,8 @@ def build_demo(loaded, examples: list[str] | None = None):
                                        bands=bands, window=window)
         except ValueError as err:  # the image, not the page: say what was expected, in one line
             raise gr.Error(str(err), print_exception=False) from None
-        return [result.panels[key] for key in PANELS] + [info_markdown(result, loaded, loaded.scale_note(array))]
+        info = info_markdown(result, loaded, time.perf_counter() - start, loaded.scale_note(array))
+        return [result.panels[key] for key in PANELS] + [info]
 
     with gr.Blocks(title="MAE reconstruction") as demo:
         gr.Markdown(f"## MAE reconstruction\n{loaded.describe()}.")
@@ -152,17 +158,21 @@ def main(argv=None, default_model: str | None = None):
     model = cfg.model or default_model
     if not model:
         raise ValueError("--model is required: our export directory, a ViTMAE directory or Hub id, or an official .pth")
+    import torch
+
     from modeling_mae.training.model_loading import checkpoint_options
 
     from .reconstruction import example_images, load_model
 
     import modeling_mae
 
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)  # on a shared machine fewer threads than cores can be faster
     loaded = load_model(model, crop_pct=cfg.crop_pct, **checkpoint_options(cfg))
     print(f"{loaded.describe()}; code: {os.path.dirname(modeling_mae.__file__)}", file=sys.stderr)
     for note in loaded.notes:
         print(f"warning: {note}", file=sys.stderr)
-    examples = example_images(model, os.path.join(tempfile.gettempdir(), "modeling_mae_app_examples"))
+    examples = example_images(loaded, model, os.path.join(tempfile.gettempdir(), "modeling_mae_app_examples"))
     launch(build_demo(loaded, examples), cfg.host, cfg.port)
     return 0
 

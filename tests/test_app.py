@@ -68,7 +68,8 @@ def test_rgb_panels_masked_pasted_and_error_map():
     photo = smooth_photo()
     pixel_values = loaded.prepare(photo)
     # the image processor's evaluation crop (EvalTransform, crop_pct 1.0), normalised with the model's mean / std
-    expected = normalize_on_device(EvalTransform((32, 32), crop_pct=1.0)(Image.fromarray(photo)).unsqueeze(0), *IMAGENET)
+    crop = EvalTransform((32, 32), crop_pct=1.0)(Image.fromarray(photo))
+    expected = normalize_on_device(crop.unsqueeze(0), *IMAGENET)
     torch.testing.assert_close(pixel_values, expected)
     result = reconstruct_image(loaded, pixel_values, mask_ratio=0.75, mask_strategy="random", seed=3,
                                window="dataset range")
@@ -186,6 +187,17 @@ def test_an_encoder_only_checkpoint_is_loaded_with_a_warning_to_show(tmp_path):
     assert any("NEWLY INITIALISED" in note and "decoder" in note for note in loaded.notes), loaded.notes
 
 
+def test_command_line_answers_before_torch_and_names_a_wrong_model(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    help_run = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "app.py"), "--help"], env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert help_run.returncode == 0 and "--model" in help_run.stdout and "--num_threads" in help_run.stdout
+    assert not any(line.rstrip().endswith(("| torch", "| gradio")) for line in help_run.stderr.splitlines())
+    wrong = subprocess.run([sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "mae-dmeo")], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "no such directory or file" in wrong.stderr and "mae-dmeo" in wrong.stderr
+
+
 # --------------------------------------------------------------------------------------------------
 # The Space the export writes
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +217,8 @@ def test_space_files(space_dir):
 
     assert (space_dir / "app.py").read_text() == (REPO / "app.py").read_text()
     for package in SPACE_PACKAGES:
-        copied = sorted(p.relative_to(space_dir / "app_code" / package) for p in (space_dir / "app_code" / package).rglob("*.py"))
+        copy = space_dir / "app_code" / package
+        copied = sorted(p.relative_to(copy) for p in copy.rglob("*.py"))
         source = sorted(p.relative_to(REPO / package) for p in (REPO / package).rglob("*.py"))
         assert copied == source and copied
     assert not list((space_dir / "app_code").rglob("__pycache__"))
@@ -236,6 +249,26 @@ def test_space_runs_on_its_own_copy_of_the_code(space_dir):
     assert Path(mae_file).resolve().is_relative_to((space_dir / "app_code").resolve())
     assert Path(app_file).resolve().is_relative_to((space_dir / "app_code").resolve())
     assert shape.strip() == "(128, 128, 3)"
+
+
+def test_pretraining_writes_the_space_when_asked(tmp_path):
+    from huggingface_hub.repocard import metadata_load
+    from pretrain_helpers import import_pretrain, tiny_args, write_dataset
+
+    data = write_dataset(tmp_path / "data", "parquet", count=16, num_shards=2)
+    out = tmp_path / "out"
+    argv = tiny_args(data, out, max_train_steps=2, checkpointing_steps=0) + ["--write_space_files", "true"]
+    assert import_pretrain().main(argv) == 0
+    assert (out / "app.py").is_file() and (out / "app_code" / "modeling_mae_app" / "ui.py").is_file()
+    card = metadata_load(out / "README.md")
+    assert card["sdk"] == "gradio" and card["pipeline_tag"] == "image-feature-extraction"  # Space + model card
+    examples = sorted((out / "examples").iterdir())
+    assert [p.name for p in examples] == ["example_0.png", "example_1.png"]  # num_reconstruction_images: 2
+    loaded = load_model(str(out))
+    assert loaded.prepare(np.asarray(Image.open(examples[0]))).shape == (1, 3, 32, 32)
+    assert not (tmp_path / "plain").exists()
+    plain = tiny_args(data, tmp_path / "plain", max_train_steps=1, checkpointing_steps=0)
+    assert import_pretrain().main(plain) == 0 and not (tmp_path / "plain" / "app.py").exists()  # only when asked
 
 
 # --------------------------------------------------------------------------------------------------
