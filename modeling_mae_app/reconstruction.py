@@ -152,8 +152,23 @@ def load_model(model_name_or_path: str, crop_pct: float = 1.0, **checkpoint_opti
         package_logger.removeHandler(collect)
     mean, std, value_range, note = pixel_settings(str(model_name_or_path), int(model.config.num_channels))
     notes = collect.messages + ([note] if note else [])
-    name = Path(str(model_name_or_path).rstrip("/")).name or str(model_name_or_path)
-    return LoadedModel(model, name, mean, std, value_range, crop_pct, notes)
+    return LoadedModel(model, model_name(str(model_name_or_path)), mean, std, value_range, crop_pct, notes)
+
+
+def model_name(model_name_or_path: str) -> str:
+    """The name the page shows: a directory's model card `model_name` (a Space's folder is called `app`), else
+    the last part of the path or Hub id."""
+    readme = Path(model_name_or_path) / "README.md"
+    if readme.is_file():
+        from huggingface_hub.repocard import metadata_load
+
+        try:
+            name = (metadata_load(readme) or {}).get("model_name")
+        except Exception:  # a README without a readable YAML header: the path's name
+            name = None
+        if name:
+            return str(name)
+    return Path(model_name_or_path.rstrip("/")).name or model_name_or_path
 
 
 def pixel_settings(model_name_or_path: str, num_channels: int):

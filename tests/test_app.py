@@ -204,9 +204,10 @@ def test_command_line_answers_before_torch_and_names_a_wrong_model(tmp_path):
 @pytest.fixture(scope="module")
 def space_dir(tmp_path_factory):
     """A tiny model exported with the Space files and two example images, as `write_space_files: true` does."""
-    folder = tmp_path_factory.mktemp("space") / "mae-space"
+    folder = tmp_path_factory.mktemp("space") / "app"  # as in a Space: the page takes the name from the card
     export_model(tiny(), folder)
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# model card\n")
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\nmodel_name: mae-space\n---\n"
+                                      "# model card\n")
     examples = torch.from_numpy(np.stack([smooth_photo(32, 32, seed) for seed in (1, 2)])).permute(0, 3, 1, 2)
     write_space_files(folder, examples=examples, title="mae-space")
     return folder
@@ -333,7 +334,7 @@ def test_page_in_a_real_browser(served_space, tmp_path):
             page.set_default_timeout(timeout_ms)
             page.goto(url)
             page.wait_for_selector("#image-file input[type=file]", state="attached")
-            assert "mae-space" in page.inner_text("body") and "norm_pix_loss" in page.inner_text("body")
+            assert "mae-space:" in page.inner_text("body") and "norm_pix_loss" in page.inner_text("body")
 
             def panel(key: str, previous: str | None = None) -> tuple[str, np.ndarray]:
                 """The panel's image as the page shows it (its src, once it differs from `previous`)."""
