@@ -4,5 +4,6 @@
 
 `reconstruction.py` is the page's logic without its UI (load a model, prepare an image, five panels) and
 imports no Gradio; `ui.py` is the Gradio page and the command line. The repository's `app.py` is a thin
-launcher, and the pretraining export copies it, with this code, into a Space (`space.py`).
+launcher; the pretraining export copies it, with this code, into a Space
+(`modeling_mae.training.export.write_space_files`).
 """

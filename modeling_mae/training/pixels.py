@@ -10,6 +10,7 @@ RGB photographs (8-bit, 3 channels) keep the uint8 path of `transforms.py` untou
     pixels = fmt.to_float(array)                # (C, H, W) float32 = (x - low) / (high - low), the
                                                 # dataset's range (bit depth or configured), not the image's
     ArrayTrainTransform(size)(pixels)           # RandomResizedCrop + flip on the float tensor
+    ArrayEvalTransform(size)(pixels)            # evaluation: shorter side resized, centre crop
 
 Arrays are channels-last: a `.npy` holds (H, W) or (H, W, C); a TIFF's sample axis (`S` / `C` in
 tifffile's axes) is moved last, and a TIFF without a named sample axis is read as (H, W, C) too.
