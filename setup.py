@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["modeling_mae", "modeling_mae.*", "modeling_mae_cli"]),
+    packages=find_packages(include=["modeling_mae", "modeling_mae.*", "modeling_mae_cli", "modeling_mae_app"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -29,6 +29,9 @@ setup(
     extras_require={
         "demo": ["scikit-image>=0.22", "tensorboard"],  # the CPU demo's photographs; TensorBoard logs
         "tiff": ["tifffile"],  # multi-band TIFF (pixels.decode_array); 1- and 3-channel TIFF need only Pillow
-        "dev": ["pytest>=8", "pytest-timeout", "parameterized", "scipy", "scikit-image>=0.22", "tensorboard", "tifffile"],
+        "app": ["gradio>=6.0"],  # the reconstruction page: python app.py --model DIR (modeling_mae_app)
+        # the browser tests of the page (tests/test_app.py) drive Debian's chromium with playwright (.ci/run installs it)
+        "dev": ["pytest>=8", "pytest-timeout", "parameterized", "scipy", "scikit-image>=0.22", "tensorboard", "tifffile",
+                "gradio>=6.0", "playwright"],
     },
 )

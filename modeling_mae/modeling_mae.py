@@ -857,6 +857,21 @@ class MAEForPreTraining(MAEPreTrainedModel):
         var = target.var(dim=-1, keepdim=True)
         return (target - mean) / (var + 1.0e-6) ** 0.5
 
+    def patch_loss(self, pixel_values, pred, ids_masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-patch MSE in the loss's space (normalised pixels when `norm_pix_loss`), in fp32.
+
+        Args:
+            pixel_values: (N, C, H, W); pred: (N, L, p*p*C), or (N, L_masked, p*p*C) for `ids_masked`.
+        Returns:
+            (N, L) (or (N, L_masked)): the mean over a patch's pixel values of the squared error.
+        """
+        target = self.patchify(pixel_values.float())
+        if ids_masked is not None:
+            target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        if self.config.norm_pix_loss:
+            target = self.normalize_target(target)
+        return (pred.float() - target).pow(2).mean(dim=-1)
+
     def forward_loss(self, pixel_values, pred, mask, ids_masked: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
@@ -866,12 +881,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
         Returns:
             Mean over removed patches of the per-patch MSE, computed in fp32.
         """
-        target = self.patchify(pixel_values.float())
-        if ids_masked is not None:
-            target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
-        if self.config.norm_pix_loss:
-            target = self.normalize_target(target)
-        loss = (pred.float() - target).pow(2).mean(dim=-1)  # (N, L) or (N, L_masked) per-patch MSE
+        loss = self.patch_loss(pixel_values, pred, ids_masked)  # (N, L) or (N, L_masked)
         if ids_masked is not None:
             return loss.sum() / max(loss.numel(), 1)  # 0 when nothing is masked, as below
         mask = mask.float()

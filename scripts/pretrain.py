@@ -122,6 +122,8 @@ class PretrainConfig:
     peak_tflops: Optional[float] = option(None, help="peak TFLOP/s per device for MFU; known GPUs are looked up")
     log_sample_ids: bool = option(False, help="write the ids of the consumed samples to OUTPUT_DIR/sample_ids/")
     # ---- Hub -------------------------------------------------------------------------------------
+    write_space_files: bool = option(
+        False, help="make output_dir a Gradio Space too: app.py, requirements.txt, Space card fields (README)")
     push_to_hub: bool = option(False, help="upload the output directory to hub_model_id at the end")
     hub_model_id: Optional[str] = option(None, help="Hub repository to push to (user/name)")
     hub_private_repo: Optional[bool] = option(None, help="create the Hub repository private")
@@ -200,6 +202,7 @@ from modeling_mae.training.export import (  # noqa: E402
     pixel_format_image_processor,
     push_to_hub,
     write_model_card,
+    write_space_files,
 )
 from modeling_mae.training.model_loading import (  # noqa: E402
     adapt_num_channels,  # noqa: E402
@@ -759,6 +762,8 @@ def main(argv=None) -> int:
             config_yaml=to_yaml(dataclasses.replace(
                 cfg, mask_ratio=model_config.mask_ratio, norm_pix_loss=model_config.norm_pix_loss)),
         )
+        if cfg.write_space_files:
+            write_space_files(output_dir, examples=preview, title=cfg.hub_model_id or output_dir.name)
         logger.info("exported the model, image processor and model card to %s", output_dir)
         if cfg.push_to_hub:
             try:

@@ -5,6 +5,7 @@
     write_model_card(output_dir, card_data=..., **template_values)  # README.md from model_card.md
     check_hub_access(hub_model_id, token=None, private=None)      # before training: login + repo
     push_to_hub(output_dir, hub_model_id, include_checkpoints=False)
+    write_space_files(output_dir, examples=None)                   # + a Gradio Space: app.py, requirements ...
 
 The model card is rendered from the template `model_card.md` (repository root, or `template_path`)
 with huggingface_hub's `ModelCard.from_template` and `ModelCardData` (license, datasets, tags, ...).
@@ -15,11 +16,20 @@ network, no permission ...) and never touches the local files, so a failed push 
 `hf upload REPO_ID OUTPUT_DIR`. `check_hub_access` runs the login and repository checks before the
 first training step (`HubAccessError`), so that a run meant for the Hub does not learn at the end that
 it cannot get there.
+
+`write_space_files` makes the same directory a Gradio Space as well (the reconstruction page,
+`modeling_mae_app`): the repository's `app.py`, a copy of the project's code in `app_code/` (the project
+is not on PyPI, and a Space installs only `requirements.txt`, before its files are there), the packages
+that code imports in `requirements.txt`, a few of the run's own images in `examples/`, and the Space
+fields (`sdk: gradio`, `app_file`, ...) added to the model card's YAML header. Uploaded as a Space
+(`hf upload USER/NAME OUTPUT_DIR . --repo-type space --exclude "checkpoints/*" "runs/*"`), the page
+shows this model.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,7 +39,8 @@ from modeling_mae_cli import ExpectedError
 from ..file_modes import give_weights_usual_mode
 
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TEMPLATE = REPOSITORY_ROOT / "model_card.md"
 CHECKPOINT_PATTERNS = ["checkpoints/*", "checkpoints/**"]
 
 
@@ -186,3 +197,130 @@ def push_to_hub(
             f"`hf upload {hub_model_id} {output_dir}`."
         ) from err
     return f"https://huggingface.co/{repo.repo_id}"
+
+
+# --------------------------------------------------------------------------------------------------
+# A Gradio Space of the exported model
+# --------------------------------------------------------------------------------------------------
+SPACE_CODE_DIR = "app_code"
+SPACE_PACKAGES = ("modeling_mae", "modeling_mae_cli", "modeling_mae_app")
+# what the page's code imports (`modeling_mae_app`, `modeling_mae`, `modeling_mae.training` model loading,
+# masking, pixels, visualization; the command line's YAML), with this project's version floors
+SPACE_REQUIREMENTS = ("torch", "torchvision", "transformers", "safetensors", "huggingface_hub", "pillow", "numpy",
+                      "pyyaml")
+SPACE_EXTRA_REQUIREMENTS = ("tifffile",)  # multi-band TIFF uploads
+TESTED_GRADIO_VERSION = "6.31.0"  # the Space's sdk_version when Gradio is not installed here
+NUM_SPACE_EXAMPLES = 4
+
+
+def space_requirements() -> list[str]:
+    """`requirements.txt` lines: the packages of SPACE_REQUIREMENTS with the floors this project's setup.py
+    gives them (from the installed distribution's metadata), plus SPACE_EXTRA_REQUIREMENTS. Gradio itself
+    comes with the Space's SDK (`sdk_version`)."""
+    from importlib import metadata
+
+    try:
+        declared = {_requirement_name(r): r.split(";")[0].strip() for r in metadata.requires("modeling-mae") or []}
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        declared = {}
+    return [declared.get(name, name) for name in SPACE_REQUIREMENTS] + list(SPACE_EXTRA_REQUIREMENTS)
+
+
+def _requirement_name(requirement: str) -> str:
+    name = requirement.split(";")[0]
+    for stop in "<>=!~[ ":
+        name = name.split(stop)[0]
+    return name.strip().lower().replace("-", "_")
+
+
+def gradio_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("gradio")
+    except metadata.PackageNotFoundError:
+        return TESTED_GRADIO_VERSION
+
+
+def write_space_files(output_dir: str | os.PathLike, examples: torch.Tensor | None = None, title: str | None = None,
+                      app_file: str | os.PathLike | None = None) -> list[Path]:
+    """Make the exported model directory `output_dir` a Gradio Space of the reconstruction page as well.
+
+    Writes `app.py` (the repository's, or `app_file`), `app_code/` (the .py files of SPACE_PACKAGES, which
+    `app.py` imports ahead of any installed copy), `requirements.txt` (`space_requirements`),
+    `examples/` (up to NUM_SPACE_EXAMPLES of `examples`: (N, C, H, W) uint8 images -> PNG, or float images
+    in [0, 1] of the model's pixel range -> `.npy` in that range, as the page reads them), and the Space
+    fields in the YAML header of `README.md` (the model card's other fields stay). Returns the paths written."""
+    from huggingface_hub.repocard import metadata_load, metadata_save
+
+    output_dir = Path(output_dir)
+    if not (output_dir / "config.json").is_file():
+        raise ValueError(f"write_space_files: {str(output_dir)!r} holds no exported model (config.json); export first")
+    app_file = Path(app_file) if app_file else REPOSITORY_ROOT / "app.py"
+    if not app_file.is_file():
+        raise ValueError(
+            f"write_space_files: the page's app.py is not at {str(app_file)!r}; install this project from its "
+            f"repository (pip install -e .) so that its app.py is there"
+        )
+    written = [output_dir / "app.py"]
+    shutil.copyfile(app_file, written[0])
+    code = output_dir / SPACE_CODE_DIR
+    shutil.rmtree(code, ignore_errors=True)
+    for package in SPACE_PACKAGES:
+        source = REPOSITORY_ROOT / package
+        shutil.copytree(source, code / package, ignore=lambda folder, names: [
+            n for n in names if not (n.endswith(".py") or (Path(folder) / n).is_dir()) or n == "__pycache__"])
+    written.append(code)
+    requirements = output_dir / "requirements.txt"
+    requirements.write_text(
+        "# the reconstruction page (app.py); Gradio comes with the Space (README.md: sdk_version)\n"
+        "# a CPU-only Space installs less with the CPU builds of torch: add as the first line\n"
+        "#   --extra-index-url https://download.pytorch.org/whl/cpu\n" + "\n".join(space_requirements()) + "\n"
+    )
+    written.append(requirements)
+    if examples is not None and len(examples):
+        written += _write_examples(output_dir / "examples", examples[:NUM_SPACE_EXAMPLES], output_dir)
+    readme = output_dir / "README.md"
+    if not readme.is_file():
+        readme.write_text(f"# {title or output_dir.name}\n\nMasked-autoencoder reconstructions (modeling_mae).\n")
+    metadata = metadata_load(readme) or {}
+    metadata.update({
+        "title": title or metadata.get("model_name") or output_dir.name,
+        "emoji": "🧩",
+        "colorFrom": "indigo",
+        "colorTo": "gray",
+        "sdk": "gradio",
+        "sdk_version": gradio_version(),
+        "app_file": "app.py",
+        "pinned": False,
+    })
+    metadata_save(readme, metadata)
+    written.append(readme)
+    return written
+
+
+def _write_examples(folder: Path, images: torch.Tensor, output_dir: Path) -> list[Path]:
+    """uint8 images as PNG; float images (the dataset's [0, 1] scale) as `.npy` in the model's pixel range."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    low, high = 0.0, 1.0
+    processor = output_dir / "preprocessor_config.json"
+    if processor.is_file():
+        config = json.loads(processor.read_text())
+        low, high = config.get("pixel_range") or (0.0, 1.0 / float(config.get("rescale_factor", 1 / 255)))
+    paths = []
+    for index, image in enumerate(images.detach().cpu()):
+        array = image.permute(1, 2, 0).numpy()  # (H, W, C)
+        if image.dtype == torch.uint8 and array.shape[-1] in (1, 3):
+            path = folder / f"example_{index}.png"
+            Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+        else:
+            path = folder / f"example_{index}.npy"
+            np.save(path, (array.astype(np.float32) * (float(high) - float(low)) + float(low)).astype(np.float32))
+        paths.append(path)
+    return paths

@@ -80,7 +80,8 @@ def reconstruct(model, pixel_values: torch.Tensor, mask_ratio=None, mask_strateg
     Returns:
         dict of (N, C, H, W) float tensors on the CPU: "original", "masked" (removed patches NaN),
         "reconstruction" (every patch predicted), "pasted" (visible patches from the input), and
-        "mask" (N, 1, H, W), 1 = removed.
+        "mask" (N, 1, H, W), 1 = removed, and "patch_loss" (N, L), each patch's MSE in the loss's space
+        (`MAEForPreTraining.patch_loss`; the model's loss is its mean over the removed patches).
     """
     model = _unwrap(model)
     config = model.config
@@ -122,6 +123,7 @@ def reconstruct(model, pixel_values: torch.Tensor, mask_ratio=None, mask_strateg
         "reconstruction": reconstruction.cpu(),
         "pasted": pasted.cpu(),
         "mask": mask.cpu(),
+        "patch_loss": model.patch_loss(x, out.logits).cpu(),
     }
 
 
@@ -189,7 +191,7 @@ def reconstruction_grid(
         raise ValueError(f"mean / std have {len(mean)} / {len(std)} values but the images have {channels} channels")
     if channels in (1, 3):
         return _render(panels, mean, std, text)
-    pick = lambda idx: {k: v[:, idx] for k, v in panels.items() if k != "mask"}  # noqa: E731
+    pick = lambda idx: {k: v[:, idx] for k, v in panels.items() if k not in ("mask", "patch_loss")}  # noqa: E731
     if composite is not None:
         idx = list(composite)
         if len(idx) != 3 or not all(0 <= i < channels for i in idx):
