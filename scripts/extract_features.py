@@ -165,7 +165,7 @@ def main(argv=None):
     cells, cell_names = image_cells(source, image_column, PROBE_IMAGES)
     pixel_path = resolve_pixel_path(read_image_processor_config(cfg.model_name_or_path), model.config.num_channels,
                                     cells, cell_names, checkpoint=f"the checkpoint {cfg.model_name_or_path}",
-                                    data=f"the {cfg.split} images")
+                                    data=f"the {cfg.split} images", can_adapt=False)
     logger.info("pixels: %s", pixel_path.describe())
     transform = pixel_path.eval_transform(model.config.image_hw, cfg.eval_crop_pct)
     names = split_label_names(source, label_column) if label_column else None

@@ -26,7 +26,7 @@ from typing import Optional
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.choices import MASK_STRATEGIES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".npy")  # .npy: multi-band arrays
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ def main(argv=None) -> list[Path]:
     cells = image_cells(cfg)
     pixel_path = resolve_pixel_path(read_image_processor_config(cfg.model_name_or_path), model.config.num_channels,
                                     [c for _, c in cells[:8]], [n for n, _ in cells[:8]],
-                                    checkpoint=f"the checkpoint {cfg.model_name_or_path}", data="the images")
+                                    checkpoint=f"the checkpoint {cfg.model_name_or_path}", data="the images",
+                                    can_adapt=False)
     transform = pixel_path.eval_transform(model.config.image_hw, crop_pct=cfg.eval_crop_pct)
     images = load_images(cfg, cells, pixel_path.array_format)
     batch = torch.stack([transform(image) for image in images])  # uint8 (N, 3, H, W) or float (N, C, H, W)

@@ -174,6 +174,9 @@ def test_exported_classifier_pipeline_gives_the_scripts_accuracy(chain, run):
     top1, per_class = pipeline_top1(out, chain.val)
     assert top1 == pytest.approx(results["last"]["top1"], abs=1e-9)
     assert per_class == results["per_class"][str(results["last"]["epoch"])]
+    card = (out / "README.md").read_text()
+    assert f"{chain.channels} channel(s) of uint16 scaled from [0, 65535] to [0, 1]" in card
+    assert "classifier(np.asarray(Image.open(" in card and "ImageNet" not in card
 
 
 def test_exported_segmentation_model_gives_the_scripts_miou(chain):
@@ -196,6 +199,14 @@ def test_exported_segmentation_model_gives_the_scripts_miou(chain):
         areas += np.stack(mean_iou.intersect_and_union(prediction.numpy(), labels.numpy(), 3, 255))
     measured = mean_iou.metrics_from_areas(*areas)["mean_iou"]
     assert measured == pytest.approx(chain.seg_results["best"]["mean_iou"], abs=1e-9)
+
+
+def test_reconstruction_pictures_of_the_checkpoint_pixels(chain, tmp_path):
+    import visualize
+
+    written = visualize.main(["--model_name_or_path", str(chain.pre), "--images", str(chain.val / "vertical"),
+                              "--num_images", "3", "--images_per_grid", "3", "--output_dir", str(tmp_path)])
+    assert [p.name for p in written] == ["reconstruction_000.png"] and Image.open(written[0]).mode == "RGB"
 
 
 def test_features_of_the_checkpoint_pixels(chain):
@@ -241,6 +252,11 @@ def test_rgb_files_for_a_one_channel_model_are_one_line_naming_both(gray16_model
     assert "\n" not in message
     assert "was trained on 1 channel(s) of uint16" in message and "have 3 channel(s) of uint8" in message
     assert "adapt_channels" in message
+    import extract_features as features_script  # no adaptation there: the checkpoint as it is, the mismatch named
+
+    with pytest.raises(PixelFormatError, match="trained on 1 channel\\(s\\) of uint16 but the val images have 3"):
+        features_script.main(["--model_name_or_path", str(gray16_model.pre), "--dataset_name", str(tmp_path / "rgb"),
+                              "--split", "val", "--output_dir", str(tmp_path / "f"), "--dataloader_num_workers", "0"])
     assert run_main(finetune.main, finetune_args(gray16_model.pre, rgb, rgb, tmp_path / "out2")) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "1 channel(s) of uint16" in errors[0] and "3 channel(s) of uint8" in errors[0]

@@ -340,7 +340,7 @@ def resolve_pixel_path(processor_config: dict | None, model_channels: int, cells
                        names: Iterable[str] | None = None, *, adapt_channels: bool = False,
                        checkpoint: str = "the checkpoint", data: str = "the training images",
                        stats_cells: Iterable[Any] | None = None, stats_names: Iterable[str] | None = None,
-                       progress: bool = True) -> PixelPath:
+                       progress: bool = True, can_adapt: bool = True) -> PixelPath:
     """The pixel path of a downstream run, decided once before any training.
 
     The checkpoint's pixels come from its saved image processor (`saved_pixels`: pretraining on one's own
@@ -352,10 +352,13 @@ def resolve_pixel_path(processor_config: dict | None, model_channels: int, cells
       RGB checkpoint and are converted, as before);
     - they differ and `adapt_channels`: the data's format, statistics computed over `stats_cells` (as
       pretraining's `auto`), the model to be adapted to the data's channel count;
-    - they differ otherwise: a `PixelFormatError` in one line naming both.
+    - they differ otherwise: a `PixelFormatError` in one line naming both (and `adapt_channels` when the
+      run offers it, `can_adapt`).
     A non-RGB checkpoint without a saved pixel format takes the data's format if the channel count fits."""
     cells, names = list(cells), list(names) if names is not None else None
     first = names[0] if names else "its first image"
+    adapt_channels = adapt_channels and can_adapt
+    hint = "; set `adapt_channels` true to adapt the checkpoint to them" if can_adapt else ""
     saved = saved_pixels(processor_config)
     if saved is None and model_channels == 3:
         saved = (RGB8, list(IMAGENET_MEAN), list(IMAGENET_STD))
@@ -372,13 +375,13 @@ def resolve_pixel_path(processor_config: dict | None, model_channels: int, cells
     if saved is None and found.num_channels != model_channels and not adapt_channels:
         raise PixelFormatError(
             f"{checkpoint} has num_channels={model_channels} but {data} have {found.num_channels} channel(s) of "
-            f"{found.dtype} ({first}); set `adapt_channels` true to adapt the checkpoint to them"
+            f"{found.dtype} ({first}){hint}"
         )
     if saved is not None and not adapt_channels:
         raise PixelFormatError(
             f"{checkpoint} was trained on {saved[0].num_channels} channel(s) of {saved[0].dtype} but {data} have "
-            f"{found.num_channels} channel(s) of {found.dtype} ({first}); give images like the checkpoint's, or "
-            f"set `adapt_channels` true to adapt the checkpoint to these"
+            f"{found.num_channels} channel(s) of {found.dtype} ({first}); give images like the checkpoint's"
+            + (", or set `adapt_channels` true to adapt the checkpoint to these" if can_adapt else "")
         )
     if saved is not None and found.dtype != saved[0].dtype:  # the checkpoint's range is not the data's
         found = probe_pixel_format(cells, None, names)

@@ -396,7 +396,7 @@ def segmentation_pixel_path(model_name_or_path: str | None, model_channels: int,
     return resolve_pixel_path(config, model_channels, probe, probe_names,
                               checkpoint=f"the checkpoint {model_name_or_path}" if model_name_or_path else "the model",
                               data="the training images", stats_cells=stats, stats_names=stats_names,
-                              progress=progress)
+                              progress=progress, can_adapt=False)
 
 
 def collate_train(examples: list[dict]) -> dict:
