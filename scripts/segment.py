@@ -92,6 +92,8 @@ class SegmentConfig:
     preprocessing_num_workers: int = option(4, help="DataLoader worker processes per training process")
     max_corrupt_fraction: float = option(
         0.1, help="stop when more than this share of the images read cannot be decoded")
+    adapt_channels: bool = option(
+        False, help="images unlike the checkpoint's (channels, bit depth): adapt the checkpoint to them, else stop")
     # ---- augmentation ----------------------------------------------------------------------------
     crop_size: int = option(512, help="training crop (pixels, square)")
     base_scale: list[int] = option([2048, 512], help="resize target long,short side before the random scale")
@@ -189,6 +191,7 @@ from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
 from modeling_mae.training.export import HubPushError, check_hub_access, push_to_hub  # noqa: E402
 from modeling_mae.training.model_loading import (  # noqa: E402
+    adapt_to_pixel_path,
     checkpoint_format,
     checkpoint_options,
     is_official_checkpoint,
@@ -416,7 +419,7 @@ ViT encoder, fine-tuned with `scripts/segment.py` of modeling_mae on **{{ datase
 The saved image processor and model run the evaluation that gave these numbers: the image rescaled
 (aspect ratio kept) to fit {{ test_scale }}, `test_mode: {{ eval_mode }}` inference (sliding windows are
 {{ crop_size }} pixels, {{ eval_stride }} apart), the logits resized to the image before the argmax.
-
+{{ pixels_note }}
 ```python
 import torch
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
@@ -457,7 +460,14 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict, processor=
         unwrapped = revert_sync_batchnorm(unwrapped)
     unwrapped.save_pretrained(out)
     give_weights_usual_mode(out)  # safetensors writes 0600; every other file is 0644 (umask)
-    (processor or image_processor(cfg)).save_pretrained(out)
+    processor = processor or image_processor(cfg)
+    processor.save_pretrained(out)
+    low, high = processor.pixel_range
+    pixels_note = "" if processor.is_rgb8 else (
+        f"\nInput pixels: {processor.num_channels} channel(s) of {processor.pixel_dtype}, scaled from [{low:g}, {high:g}] "
+        f"to [0, 1], mean {processor.image_mean}, std {processor.image_std}. transformers' segmentation pipeline "
+        f"converts images to 8-bit RGB and takes no arrays: give the processor below the image as a numpy array "
+        f"(`np.load(\"scene.npy\")`, `np.asarray(Image.open(\"scan.png\"))`), with `target_sizes=[image.shape[:2]]`.\n")
     data = ModelCardData(
         license="apache-2.0", library_name="transformers", pipeline_tag="image-segmentation",
         tags=["mae", "upernet", "semantic-segmentation"], datasets=[cfg.dataset_name] if cfg.data_dir is None else None,
@@ -468,7 +478,7 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict, processor=
         strides=", ".join(f"{s:g}" for s in pyramid_strides(unwrapped)), crop_size=cfg.crop_size,
         eval_stride=cfg.eval_stride, test_scale=tuple(cfg.base_scale),
         lr=cfg.learning_rate, layer_decay=cfg.layer_decay, num_labels=cfg.num_labels,
-        repo_id=cfg.hub_model_id or cfg.output_dir, config_yaml=to_yaml(cfg), **card_values,
+        repo_id=cfg.hub_model_id or cfg.output_dir, config_yaml=to_yaml(cfg), pixels_note=pixels_note, **card_values,
     )
     card.save(out / "README.md")
 
@@ -530,8 +540,6 @@ def main(argv=None) -> dict:
     patch = model.config.backbone_config.patch_size
     if cfg.crop_size % (2 * patch):
         raise ValueError(f"`crop_size` ({cfg.crop_size}) must be a multiple of 2 x patch_size ({2 * patch})")
-    if cfg.sync_batchnorm and accelerator.num_processes > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     # ---- data ------------------------------------------------------------------------------------
     source = dict(dataset_name=None if cfg.data_dir else cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
@@ -545,8 +553,11 @@ def main(argv=None) -> dict:
     # the checkpoint's pixels (channels, bit depth, statistics), checked against the data's
     pixel_path = segmentation_pixel_path(cfg.model_name_or_path, model.config.backbone_config.num_channels,
                                          train_split, cfg.image_column_name, cfg.hub_token,
-                                         progress=accelerator.is_main_process)
+                                         progress=accelerator.is_main_process, adapt_channels=cfg.adapt_channels)
     logger.info("pixels: %s", pixel_path.describe())
+    model = adapt_to_pixel_path(model, pixel_path)  # the backbone's patch projection, when adapting
+    if cfg.sync_batchnorm and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if not pixel_path.is_rgb8 and cfg.photometric:
         logger.info("photometric distortion on %d channel(s) of %s: brightness and contrast of the float pixels "
                     "(saturation and hue need colour)", pixel_path.format.num_channels, pixel_path.format.dtype)

@@ -187,6 +187,7 @@ def test_exported_segmentation_model_gives_the_scripts_miou(chain):
     processor = AutoImageProcessor.from_pretrained(str(chain.seg), trust_remote_code=True)
     model = AutoModelForSemanticSegmentation.from_pretrained(str(chain.seg), trust_remote_code=True).eval()
     assert (processor.num_channels, processor.pixel_dtype) == (chain.channels, "uint16")
+    assert f"Input pixels: {chain.channels} channel(s) of uint16" in (chain.seg / "README.md").read_text()
     mean_iou = segment.load_mean_iou(str(SCRIPTS.parent / "metrics" / "mean_iou"))
     areas = np.zeros((4, 3))
     for image in files_of(chain.seg_data / "images" / "validation"):
@@ -266,7 +267,8 @@ def test_an_rgb_checkpoint_is_adapted_to_gray16_data_when_asked(gray16_model, tm
     torch.manual_seed(0)
     MAEForPreTraining(MAEConfig.from_preset("mae-tiny")).save_pretrained(tmp_path / "rgb")
     argv = finetune_args(tmp_path / "rgb", gray16_model.train, gray16_model.val, tmp_path / "no")
-    with pytest.raises(PixelFormatError, match="3 channel\\(s\\) of uint8 but the training images have 1 channel\\(s\\) of uint16"):
+    with pytest.raises(PixelFormatError,
+                       match="3 channel\\(s\\) of uint8 but the training images have 1 channel\\(s\\) of uint16"):
         finetune.main(argv)
     out = tmp_path / "adapted"
     assert finetune.main(finetune_args(tmp_path / "rgb", gray16_model.train, gray16_model.val, out,
@@ -278,6 +280,26 @@ def test_an_rgb_checkpoint_is_adapted_to_gray16_data_when_asked(gray16_model, tm
     assert processor["image_mean"] == pytest.approx([arrays.mean()], abs=2e-6)  # the data's own statistics
     top1, _ = pipeline_top1(out, gray16_model.val)
     assert top1 == pytest.approx(json.loads((out / "eval_results.json").read_text())["last"]["top1"], abs=1e-9)
+
+
+def test_segmentation_from_an_rgb_checkpoint_adapts_its_backbone_when_asked(tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    torch.manual_seed(0)
+    MAEForPreTraining(MAEConfig.from_preset("mae-tiny", num_hidden_layers=4)).save_pretrained(tmp_path / "rgb")
+    data = ade_folder(tmp_path / "seg", "gray16", num_train=8, num_val=2)
+    with pytest.raises(PixelFormatError, match="trained on 3 channel\\(s\\) of uint8 but the training images have 1"):
+        segment.main(segment_args(tmp_path / "rgb", data, tmp_path / "no"))
+    out = tmp_path / "adapted"
+    results = segment.main(segment_args(tmp_path / "rgb", data, out, "--adapt_channels", "true"))
+    assert json.loads((out / "config.json").read_text())["backbone_config"]["num_channels"] == 1
+    processor = AutoImageProcessor.from_pretrained(str(out), trust_remote_code=True)
+    model = AutoModelForSemanticSegmentation.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert (processor.num_channels, processor.pixel_dtype) == (1, "uint16")
+    image = files_of(data / "images" / "validation")[0]
+    with torch.no_grad():
+        outputs = model(**processor(images=as_array(image), return_tensors="pt"))
+    assert outputs.logits.shape[1] == 3 and results["best"]["mean_iou"] >= 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,5 +348,6 @@ def test_segmentation_processor_refuses_rgb_images_for_a_gray16_model():
     pixels = processor(images=gray, return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 1, 32, 64)
     assert torch.allclose(pixels, torch.full_like(pixels, (0.2 - 0.2) / 0.1), atol=1e-5)
-    with pytest.raises(ValueError, match="3 channel\\(s\\) of uint8, but this processor expects 1 channel\\(s\\) of uint16"):
+    with pytest.raises(ValueError,
+                       match="3 channel\\(s\\) of uint8, but this processor expects 1 channel\\(s\\) of uint16"):
         processor(images=Image.new("RGB", (40, 20)))

@@ -82,7 +82,8 @@ def _geometric(kind: str, fill):
         if kind == "Rotate":
             affine["angle"] = level
         elif kind in ("ShearX", "ShearY"):  # PIL's shear factor -> torchvision's shear angle, about the corner
-            affine["shear"] = [math.degrees(math.atan(level)), 0.0] if kind == "ShearX" else [0.0, math.degrees(math.atan(level))]
+            angle = math.degrees(math.atan(level))
+            affine["shear"] = [angle, 0.0] if kind == "ShearX" else [0.0, angle]
             affine["center"] = [0, 0]
         elif kind.startswith("TranslateX"):
             affine["translate"] = [round(level * width) if kind.endswith("Rel") else round(level), 0]
@@ -151,7 +152,9 @@ class ArrayFinetuneTrainTransform:
                  hflip: float = 0.5, fill=(0.5,), num_channels: int = 1, pixel_description: str = ""):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         ops = [
-            v2.RandomResizedCrop(self.size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomResizedCrop(
+                self.size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
+            ),
             v2.RandomHorizontalFlip(hflip),
         ]
         self.auto_augment, self.kept, self.dropped = auto_augment, [], []

@@ -4,6 +4,7 @@ names, and synthetic labelled images for the demo and the tests."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,9 @@ class MapImageDataset(torch.utils.data.Dataset):
     Images are decoded here (in DataLoader workers) with `data.decode_image` (EXIF orientation
     applied) into an RGB PIL image for `transform`; with a `pixel_format` (a dataset that is not 8-bit
     RGB, `pixels.PixelPath.array_format`) as pretraining reads them instead (`pixels.load_float_pixels`:
-    float32 (C, H, W) scaled by the dataset's range, every image checked against the format). Labels go through `label_lookup` (the split's raw label -> the training id, so that every
-    split is numbered by class *name*; None: the raw integer), -1 when there is none.
+    float32 (C, H, W) scaled by the dataset's range, every image checked against the format). Labels go
+    through `label_lookup` (the split's raw label -> the training id, so that every split is numbered by
+    class *name*; None: the raw integer), -1 when there is none.
 
     An undecodable image never stops the loader: with `substitute_unreadable` (training) the next
     readable example in dataset order stands in for it, so batches keep their size (Mixup needs even
@@ -162,8 +164,8 @@ class MapImageDataset(torch.utils.data.Dataset):
             return decode_image(cell)
         from .pixels import load_float_pixels
 
-        return load_float_pixels(cell, self.pixel_format, lambda: describe_example(self.source, index, self.image_column),
-                                 self._array_dtype)
+        name = functools.partial(describe_example, self.source, index, self.image_column)  # read only on a mismatch
+        return load_float_pixels(cell, self.pixel_format, name, self._array_dtype)
 
 
 def describe_example(source, index: int, image_column: str) -> str:

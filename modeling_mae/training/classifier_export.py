@@ -62,8 +62,8 @@ def pixel_card_values(image_processor) -> dict:
     from ..image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     rgb = image_processor is None or image_processor.is_rgb8
-    imagenet = rgb and (image_processor is None or (
-        tuple(image_processor.image_mean) == IMAGENET_DEFAULT_MEAN and tuple(image_processor.image_std) == IMAGENET_DEFAULT_STD))
+    imagenet = rgb and (image_processor is None or (tuple(image_processor.image_mean) == IMAGENET_DEFAULT_MEAN
+                                                    and tuple(image_processor.image_std) == IMAGENET_DEFAULT_STD))
     if rgb:
         statistics = "ImageNet mean / std" if imagenet else (
             f"mean {list(image_processor.image_mean)}, std {list(image_processor.image_std)}")
@@ -131,7 +131,8 @@ def write_classifier_card(output_dir, *, model_path: str, model_name: str, base_
         config_yaml=config_yaml, kept=kept, per_class=per_class_text,
         data_lines="\n".join(f"- {line}" for line in data_lines),
         class_rows="\n".join(f"| {n} | {i} | {c} |" for i, (n, c) in enumerate(zip(class_names, train_counts))),
-        resize=eval_resize_size((height, width), crop_pct), crop=f"{height}x{width}", **pixel_card_values(image_processor),
+        resize=eval_resize_size((height, width), crop_pct), crop=f"{height}x{width}",
+        **pixel_card_values(image_processor),
     )
     path = Path(output_dir) / "README.md"
     card.save(path)

@@ -350,9 +350,16 @@ def read_image_processor_config(model_name_or_path: str, revision: str | None = 
 
 
 def adapt_to_pixel_path(model, pixel_path):
-    """`model` adapted to the channel count of `pixel_path` (`adapt_num_channels`, logged), or itself."""
-    if model.config.num_channels == pixel_path.format.num_channels:
+    """`model` adapted to the channel count of `pixel_path` (`adapt_num_channels`, logged), or itself. A
+    segmentation model (`MAEUperNetForSemanticSegmentation`) has its backbone adapted, and its config says so."""
+    backbone_config = getattr(model.config, "backbone_config", None)
+    channels = pixel_path.format.num_channels
+    if (backbone_config or model.config).num_channels == channels:
         return model
-    model, message = adapt_num_channels(model, pixel_path.format.num_channels)
+    if backbone_config is not None:
+        model.backbone, message = adapt_num_channels(model.backbone, channels)
+        model.config.backbone_config = model.backbone.config
+    else:
+        model, message = adapt_num_channels(model, channels)
     logger.warning("%s", message)
     return model

@@ -166,14 +166,16 @@ def crop_window(label: np.ndarray, crop: int, cat_max_ratio: float, ignore_index
     return top, left
 
 
-def intensity_jitter(pixels: torch.Tensor, brightness: float, contrast: float, generator: torch.Generator) -> torch.Tensor:
+def intensity_jitter(pixels: torch.Tensor, brightness: float, contrast: float,
+                     generator: torch.Generator) -> torch.Tensor:
     """The photometric distortion of images that are not 8-bit RGB (float (C, H, W), any channel count):
     ColorJitter's brightness (x * b, b ~ U(1 - brightness, 1 + brightness)) and contrast (blend with the
     image's mean, m + c (x - m), c ~ U(1 - contrast, 1 + contrast)) in random order, as ColorJitter draws
     them; no clipping (the float pixels keep values beyond the range)."""
     factors = {"brightness": 1 + brightness * (2 * torch.rand((), generator=generator).item() - 1),
                "contrast": 1 + contrast * (2 * torch.rand((), generator=generator).item() - 1)}
-    for name in [("brightness", "contrast"), ("contrast", "brightness")][int(torch.randint(2, (), generator=generator))]:
+    order = [("brightness", "contrast"), ("contrast", "brightness")][int(torch.randint(2, (), generator=generator))]
+    for name in order:
         if name == "brightness":
             pixels = pixels * factors[name]
         else:
@@ -373,10 +375,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 def segmentation_pixel_path(model_name_or_path: str | None, model_channels: int, split, image_column: str = "image",
-                            token=None, progress: bool = True, probe_images: int = 8, stats_images: int = 256):
+                            token=None, progress: bool = True, adapt_channels: bool = False, probe_images: int = 8,
+                            stats_images: int = 256):
     """The run's `pixels.PixelPath`: the checkpoint's pixel format and statistics (its saved image processor;
     8-bit RGB for an RGB checkpoint or preset without one), checked against the training split's first
-    images; a mismatch is one line naming both (`pixels.resolve_pixel_path`)."""
+    images; a mismatch is one line naming both unless `adapt_channels` (`pixels.resolve_pixel_path`)."""
     import datasets
 
     from .model_loading import read_image_processor_config
@@ -396,7 +399,7 @@ def segmentation_pixel_path(model_name_or_path: str | None, model_channels: int,
     return resolve_pixel_path(config, model_channels, probe, probe_names,
                               checkpoint=f"the checkpoint {model_name_or_path}" if model_name_or_path else "the model",
                               data="the training images", stats_cells=stats, stats_names=stats_names,
-                              progress=progress, can_adapt=False)
+                              progress=progress, adapt_channels=adapt_channels)
 
 
 def collate_train(examples: list[dict]) -> dict:
