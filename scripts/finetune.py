@@ -143,6 +143,7 @@ from modeling_mae.training.augmentation import (  # noqa: E402
     build_criterion,
     build_mixup,
     build_random_erasing,
+    finetune_train_transform,
     prepare_mixup_batch,
 )
 from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
@@ -167,7 +168,6 @@ from modeling_mae.training.evaluation import (  # noqa: E402
     load_metric,
 )
 from modeling_mae.training.export import check_hub_access, export_model  # noqa: E402
-from modeling_mae.training.augmentation import finetune_train_transform  # noqa: E402
 from modeling_mae.training.model_loading import adapt_to_pixel_path, checkpoint_options, load_classifier  # noqa: E402
 from modeling_mae.training.optim import (  # noqa: E402
     create_optimizer,

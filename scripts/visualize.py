@@ -107,7 +107,7 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def image_cells(cfg: VisualizeConfig) -> list[tuple[str, object]]:
+def named_cells(cfg: VisualizeConfig) -> list[tuple[str, object]]:
     """(name, undecoded cell) of the images to show: the given files and folders, or the dataset's first ones."""
     from modeling_mae.training.classification_data import describe_example
 
@@ -129,7 +129,7 @@ def load_images(cfg: VisualizeConfig, cells=None, pixel_format=None) -> list:
     from modeling_mae.training.data import CorruptImageError, decode_image
     from modeling_mae.training.pixels import load_float_pixels
 
-    cells = image_cells(cfg) if cells is None else cells
+    cells = named_cells(cfg) if cells is None else cells
     images, skipped = [], []
     for name, cell in cells:
         try:
@@ -150,7 +150,7 @@ def main(argv=None) -> list[Path]:
     print(to_yaml(cfg))
     model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path, **checkpoint_options(cfg)).eval()
     # the checkpoint's pixels (channels, bit depth, statistics), checked against the images'
-    cells = image_cells(cfg)
+    cells = named_cells(cfg)
     pixel_path = resolve_pixel_path(read_image_processor_config(cfg.model_name_or_path), model.config.num_channels,
                                     [c for _, c in cells[:8]], [n for n, _ in cells[:8]],
                                     checkpoint=f"the checkpoint {cfg.model_name_or_path}", data="the images",

@@ -351,3 +351,31 @@ def test_segmentation_processor_refuses_rgb_images_for_a_gray16_model():
     with pytest.raises(ValueError,
                        match="3 channel\\(s\\) of uint8, but this processor expects 1 channel\\(s\\) of uint16"):
         processor(images=Image.new("RGB", (40, 20)))
+
+
+def test_the_pixel_path_is_decided_from_the_checkpoint_and_the_data():
+    """RGB checkpoints keep the uint8 photograph path (8-bit grayscale photographs included); a checkpoint
+    whose processor saved a format keeps it and its statistics; one that saved none takes the data's."""
+    import io
+
+    from modeling_mae.image_processing_mae import IMAGENET_DEFAULT_MEAN
+    from modeling_mae.training.pixels import resolve_pixel_path
+
+    def png(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rgb, gray8 = png(np.zeros((8, 8, 3), np.uint8)), png(np.zeros((8, 8), np.uint8))
+    gray16 = [png(np.full((8, 8), v, np.uint16)) for v in (1000, 3000)]
+    for cells in ([rgb, gray8], [gray8]):
+        path = resolve_pixel_path(None, 3, cells)
+        assert path.is_rgb8 and path.array_format is None and path.mean == IMAGENET_DEFAULT_MEAN
+    saved = {"num_channels": 1, "pixel_dtype": "uint16", "pixel_range": [0, 65535], "image_mean": [0.5],
+             "image_std": [0.25]}
+    path = resolve_pixel_path(saved, 1, gray16)
+    assert (path.format.num_channels, path.format.dtype, path.mean, path.std) == (1, "uint16", (0.5,), (0.25,))
+    path = resolve_pixel_path(None, 1, gray16, progress=False)  # a 1-channel model that saved no format
+    assert path.format.dtype == "uint16" and path.mean == pytest.approx((2000 / 65535,), abs=1e-6)
+    with pytest.raises(PixelFormatError, match="has num_channels=1 but the training images have 3 channel"):
+        resolve_pixel_path(None, 1, [rgb])
