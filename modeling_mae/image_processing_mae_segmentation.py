@@ -7,13 +7,18 @@ the original image's size (bilinear) and takes the argmax there. transformers' `
 would stretch every image to 512 x 512 instead, so an exported model would be served on other pixels
 than it was scored on. The steps, and who owns each:
 
-    processor  image -> keep-ratio rescale to fit `scale` (PIL bilinear) -> uint8 -> normalise (`__call__`)
+    processor  image -> keep-ratio rescale to fit `scale` (PIL bilinear) -> uint8 -> normalise (`__call__`);
+               other pixel formats (1 channel, 16 bit, N bands: `num_channels`, `pixel_dtype`, `pixel_range`):
+               image -> (C, H, W) float scaled by the dataset's range -> the same rescale with torch's
+               bilinear antialiased resize -> normalise
     model      sliding-window or whole-image inference, as its config says (`MAEUperNetForSemanticSegmentation`)
     processor  logits (N, C, h, w) -> bilinear to the original size -> argmax (`post_process_semantic_segmentation`)
 
-The script's evaluation calls these very functions (`resize_uint8`, `normalize_uint8`,
+The script's evaluation calls these very functions (`resize_uint8` / `resize_float`, `normalize`,
 `post_process_semantic_segmentation`) and the model's forward, so `pipeline("image-segmentation")`
-on an exported folder reproduces the mIoU the script reports. Annotations go through
+on an exported folder reproduces the mIoU the script reports. (transformers' segmentation pipeline
+converts every image to 8-bit RGB with `load_image` and takes no arrays: for other pixel formats call
+the processor and the model directly, as the model card shows.) Annotations go through
 `reduce_labels` (ADE20K: 0 = "other" -> ignored, class c -> c - 1), the same function the script's
 dataset uses, when the processor is given `segmentation_maps`.
 
@@ -29,7 +34,17 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, _to_pil, apply_exif_orientation, to_rgb_image
+from .image_processing_mae import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    _per_channel,
+    _pixel_format,
+    _to_array,
+    _to_pil,
+    apply_exif_orientation,
+    scale_by_range,
+    to_rgb_image,
+)
 
 
 IGNORE_INDEX = 255
@@ -50,6 +65,15 @@ def resize_uint8(image, scale: tuple[int, int]) -> torch.Tensor:
     if (height, width) != (image.height, image.width):
         image = image.resize((width, height), Image.BILINEAR)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def resize_float(pixels: torch.Tensor, scale: tuple[int, int]) -> torch.Tensor:
+    """Float (C, H, W), any channel count -> (C, h, w) at `rescale_size(H, W, scale)`, torch's bilinear
+    antialiased resize (the float counterpart of `resize_uint8`'s PIL bilinear)."""
+    height, width = rescale_size(pixels.shape[-2], pixels.shape[-1], scale)
+    if (height, width) == tuple(pixels.shape[-2:]):
+        return pixels
+    return F.interpolate(pixels[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def normalize_uint8(pixels: torch.Tensor, mean, std) -> torch.Tensor:
@@ -84,11 +108,13 @@ class MAESegmentationImageProcessor(BaseImageProcessor):
 
     Args:
         scale: (long, short) side bounds of the rescale, mmseg's test `scale` ((2048, 512) for ADE20K).
-        image_mean / image_std: per-channel normalisation (ImageNet's by default).
+        image_mean / image_std: per-channel normalisation (ImageNet's by default for 3 channels).
+        num_channels / pixel_dtype / pixel_range: the dataset's pixel format (as `MAEImageProcessor`'s;
+            default 8-bit RGB). Input of another channel count or dtype is refused in one line.
         do_reduce_labels: ADE20K's labels for `segmentation_maps`: 0 -> `ignore_index`, c -> c - 1.
         ignore_index: label value that the loss and the metric skip.
 
-    `__call__(images)` returns `pixel_values` (N, 3, max h, max w), padded with 0 at the bottom / right
+    `__call__(images)` returns `pixel_values` (N, C, max h, max w), padded with 0 at the bottom / right
     when the rescaled images differ in size, and `image_sizes` (N, 2): each image's (h, w) before the
     padding, which the model and `post_process_semantic_segmentation` use to leave the padding out.
     """
@@ -96,19 +122,62 @@ class MAESegmentationImageProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values", "image_sizes"]
 
     def __init__(self, scale=ADE20K_TEST_SCALE, image_mean=None, image_std=None, do_reduce_labels: bool = True,
-                 ignore_index: int = IGNORE_INDEX, **kwargs):
+                 ignore_index: int = IGNORE_INDEX, num_channels: int = 3, pixel_dtype: str | None = None,
+                 pixel_range=None, **kwargs):
         super().__init__(**kwargs)
         if len(scale) != 2 or not all(isinstance(s, int) and s > 0 for s in scale):
             raise ValueError(f"`scale` must be two positive ints (long, short side), got {scale!r}")
         self.scale = [int(s) for s in scale]
-        self.image_mean = list(image_mean if image_mean is not None else IMAGENET_DEFAULT_MEAN)
-        self.image_std = list(image_std if image_std is not None else IMAGENET_DEFAULT_STD)
+        self.num_channels = num_channels
+        self.pixel_dtype, (low, high) = _pixel_format(num_channels, pixel_dtype, pixel_range)
+        self.pixel_range = [low, high]
+        if image_mean is None and image_std is None and num_channels == 3:
+            image_mean, image_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        if image_mean is None or image_std is None:
+            raise ValueError(f"`image_mean` and `image_std` are required for num_channels={num_channels} "
+                             f"(ImageNet's have 3 values)")
+        self.image_mean = _per_channel(image_mean, "image_mean", num_channels)
+        self.image_std = _per_channel(image_std, "image_std", num_channels)
         self.do_reduce_labels = bool(do_reduce_labels)
         self.ignore_index = int(ignore_index)
+
+    @property
+    def is_rgb8(self) -> bool:
+        """The 8-bit RGB path: PIL decoding and resize, uint8 until normalised (as training's)."""
+        return self.num_channels == 3 and self.pixel_dtype == "uint8" and tuple(self.pixel_range) == (0.0, 255.0)
 
     def resize_uint8(self, image) -> torch.Tensor:
         """One image -> uint8 (3, h, w), rescaled (keep ratio) to fit `scale`."""
         return resize_uint8(image, tuple(self.scale))
+
+    def to_float(self, image, input_data_format: str | None = None) -> torch.Tensor:
+        """One image of a non-RGB format (PIL L / I;16 / I / F, numpy (H, W) / (H, W, C), tensor (C, H, W)) ->
+        (C, H, W) float32 scaled by the dataset's range. Another channel count or dtype is an error naming both."""
+        array = _to_array(image, input_data_format)
+        if array.shape[-1] != self.num_channels or (self.pixel_dtype and str(array.dtype) != self.pixel_dtype):
+            raise ValueError(
+                f"the image has {array.shape[-1]} channel(s) of {array.dtype}, but this processor expects "
+                f"{self.num_channels} channel(s) of {self.pixel_dtype or 'any dtype'}"
+            )
+        return scale_by_range(array, tuple(self.pixel_range))
+
+    def resize(self, image) -> torch.Tensor:
+        """One image -> rescaled (keep ratio) to fit `scale`: uint8 (3, h, w) on the 8-bit RGB path, else
+        float (C, h, w) scaled by the dataset's range (a float (C, H, W) tensor is taken as already scaled)."""
+        if self.is_rgb8:
+            return self.resize_uint8(image)
+        if isinstance(image, torch.Tensor) and image.is_floating_point():
+            return resize_float(image, tuple(self.scale))
+        return resize_float(self.to_float(image), tuple(self.scale))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, h, w) 0-255 or float (N, C, h, w) scaled to [0, 1], on any device -> normalised float32:
+        the arithmetic of training's `normalize_on_device`."""
+        if pixels.dtype == torch.uint8:
+            return self.normalize_uint8(pixels)
+        mean = torch.tensor(self.image_mean, device=pixels.device, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device, dtype=torch.float32).view(1, -1, 1, 1)
+        return (pixels.float() - mean) / std
 
     def normalize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, h, w) on any device -> normalised float32 (N, 3, h, w)."""
@@ -130,12 +199,12 @@ class MAESegmentationImageProcessor(BaseImageProcessor):
         return torch.from_numpy(label)
 
     def preprocess(self, images, segmentation_maps=None, return_tensors=None, **kwargs) -> BatchFeature:
-        """Images (and optionally their class-index maps) -> {"pixel_values": (N, 3, h, w) float32,
+        """Images (and optionally their class-index maps) -> {"pixel_values": (N, C, h, w) float32,
         "image_sizes": (N, 2) int64, "labels": (N, H, W) int64 at the maps' own size, padded with
         `ignore_index`}; the labels stay at full size because the metric is taken there."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        pixels = [self.normalize_uint8(self.resize_uint8(image)[None])[0] for image in images]
+        pixels = [self.normalize(self.resize(image)[None])[0] for image in images]
         data = {
             "pixel_values": _pad_stack(pixels, 0.0),
             "image_sizes": torch.tensor([list(p.shape[-2:]) for p in pixels], dtype=torch.long),

@@ -20,7 +20,9 @@ there is one), batched, with a progress bar. `--split` names the split: a Hub sp
 folder its sub-folder of that name (`data/val` for `--split val`; the folder itself when it has none).
 Images are preprocessed as the exported image processor does (EXIF orientation, shorter side to
 size / crop_pct, centre crop); an unreadable image is skipped, logged with its file name and counted,
-and the run stops when more than `max_corrupt_fraction` of the split is unreadable.
+and the run stops when more than `max_corrupt_fraction` of the split is unreadable. Images that are not
+8-bit RGB (1 channel, 16 bit, N bands) are read in the checkpoint's pixel format, with its statistics (its
+saved image processor, `pixels.resolve_pixel_path`); images unlike the checkpoint's stop the run in one line.
 
 One-liners for a few images:
 
@@ -95,31 +97,39 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from modeling_mae import MAEModel  # noqa: E402
 from modeling_mae.training.classification_data import (  # noqa: E402
+    PROBE_IMAGES,
     MapImageDataset,
     UnreadableImages,
     describe_example,
+    image_cells,
     label_lookup,
     load_map_dataset,
     split_label_names,
 )
 from modeling_mae.training.config import to_yaml  # noqa: E402
-from modeling_mae.training.model_loading import checkpoint_options, load_pretrained  # noqa: E402
-from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
+from modeling_mae.training.model_loading import (  # noqa: E402
+    checkpoint_options,
+    load_pretrained,
+    read_image_processor_config,
+)
+from modeling_mae.training.pixels import resolve_pixel_path  # noqa: E402
+from modeling_mae.training.transforms import normalize_on_device  # noqa: E402
 
 
 
 logger = logging.getLogger("extract_features")
 
 
-def feature_rows(model, loader, device, dtype, source, image_column, split, unreadable):
+def feature_rows(model, loader, device, dtype, source, image_column, split, unreadable, normalize=normalize_on_device):
     """Yield one {"features", "label", "id"} row per readable example, computing features batch by
-    batch; unreadable images (placeholders from `MapImageDataset`) are skipped and recorded."""
+    batch; unreadable images (placeholders from `MapImageDataset`) are skipped and recorded. `normalize`: the
+    run's (`pixels.PixelPath.normalize`; default ImageNet's for uint8 RGB)."""
     for pixel_values, labels, used, asked in tqdm(loader, desc="extracting features", unit="batch"):
         unreadable.record(used, asked)
         keep = used >= 0
         if not bool(keep.any()):
             continue
-        pixels = normalize_on_device(pixel_values[keep].to(device, non_blocking=True))
+        pixels = normalize(pixel_values[keep].to(device, non_blocking=True))
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             pooled = model(pixels).pooler_output  # (B, D)
         pooled = pooled.float().cpu().numpy()
@@ -151,10 +161,17 @@ def main(argv=None):
     )
     if cfg.max_samples is not None:
         source = source.select(range(min(cfg.max_samples, len(source))))
-    transform = EvalTransform(model.config.image_hw, cfg.eval_crop_pct)
+    # the checkpoint's pixels (channels, bit depth, statistics), checked against the split's first images
+    cells, cell_names = image_cells(source, image_column, PROBE_IMAGES)
+    pixel_path = resolve_pixel_path(read_image_processor_config(cfg.model_name_or_path), model.config.num_channels,
+                                    cells, cell_names, checkpoint=f"the checkpoint {cfg.model_name_or_path}",
+                                    data=f"the {cfg.split} images", can_adapt=False)
+    logger.info("pixels: %s", pixel_path.describe())
+    transform = pixel_path.eval_transform(model.config.image_hw, cfg.eval_crop_pct)
     names = split_label_names(source, label_column) if label_column else None
     lookup = label_lookup(source, label_column, names, cfg.split, cfg.split) if names else None
-    dataset = MapImageDataset(source, transform, image_column, label_column, label_lookup=lookup)
+    dataset = MapImageDataset(source, transform, image_column, label_column, label_lookup=lookup,
+                              pixel_format=pixel_path.array_format)
     unreadable = UnreadableImages(source, image_column, cfg.split, cfg.max_corrupt_fraction)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.per_device_eval_batch_size, num_workers=cfg.dataloader_num_workers,
@@ -171,7 +188,8 @@ def main(argv=None):
         table = datasets.Dataset.from_generator(
             feature_rows, features=features, cache_dir=tmp, fingerprint=uuid.uuid4().hex,
             gen_kwargs={"model": model, "loader": loader, "device": device, "dtype": dtype, "source": source,
-                        "image_column": image_column, "split": cfg.split, "unreadable": unreadable},
+                        "image_column": image_column, "split": cfg.split, "unreadable": unreadable,
+                        "normalize": pixel_path.normalize},
         )
         table.info.description = (
             f"MAE features of {cfg.dataset_name} ({cfg.split}) from {cfg.model_name_or_path}, "

@@ -60,6 +60,8 @@ class FinetuneConfig:
     dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
     max_corrupt_fraction: float = option(
         0.1, help="stop when more of a split than this share cannot be decoded (the rest are skipped)")
+    adapt_channels: bool = option(
+        False, help="images unlike the checkpoint's (channels, bit depth): adapt the checkpoint to them, else stop")
     # augmentation (official: RandAugment 9 / 0.5, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1)
     crop_scale: list[float] = option([0.08, 1.0], help="RandomResizedCrop area range min,max")
     auto_augment: str | None = option("rand-m9-mstd0.5-inc1", help="timm auto-augment policy; none: off")
@@ -138,16 +140,17 @@ from tqdm.auto import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from modeling_mae.training.augmentation import (  # noqa: E402
-    FinetuneTrainTransform,
     build_criterion,
     build_mixup,
     build_random_erasing,
+    finetune_train_transform,
     prepare_mixup_batch,
 )
 from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
 from modeling_mae.training.classification_data import (  # noqa: E402
     UnreadableImages,
     build_classification_loaders,
+    classification_pixel_path,
     label_maps,
     load_classification_splits,
     make_synthetic_classification,
@@ -165,7 +168,7 @@ from modeling_mae.training.evaluation import (  # noqa: E402
     load_metric,
 )
 from modeling_mae.training.export import check_hub_access, export_model  # noqa: E402
-from modeling_mae.training.model_loading import checkpoint_options, load_classifier  # noqa: E402
+from modeling_mae.training.model_loading import adapt_to_pixel_path, checkpoint_options, load_classifier  # noqa: E402
 from modeling_mae.training.optim import (  # noqa: E402
     create_optimizer,
     create_scheduler,
@@ -181,7 +184,6 @@ from modeling_mae.training.runtime import (  # noqa: E402
     resume_command,  # noqa: E402
     tracker_hparams,  # noqa: E402
 )
-from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -220,12 +222,17 @@ def main(argv=None) -> int:
     model = load_classifier(cfg.model_name_or_path, drop_path_rate=cfg.drop_path_rate, pooling="mean",
                             linear_probe_head=False, num_labels=len(splits.class_names),
                             **label_maps(splits.class_names), **checkpoint_options(cfg))
+    # the checkpoint's pixels (channels, bit depth, statistics), checked against the data's
+    pixel_path = classification_pixel_path(cfg, model.config.num_channels, splits, progress=accelerator.is_main_process)
+    logger.info("pixels: %s", pixel_path.describe())
+    model = adapt_to_pixel_path(model, pixel_path)
+    normalize_on_device = pixel_path.normalize  # uint8 or float batch -> normalised with the run's mean / std
     size = model.config.image_hw
-    processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
+    processor = pixel_path.image_processor(model, crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
     train_loader, eval_loader = build_classification_loaders(
         cfg, accelerator, splits,
-        FinetuneTrainTransform(size, cfg.auto_augment, scale=cfg.crop_scale),
-        EvalTransform(size, cfg.eval_crop_pct),
+        finetune_train_transform(pixel_path, size, cfg.auto_augment, scale=cfg.crop_scale),
+        pixel_path.eval_transform(size, cfg.eval_crop_pct), pixel_format=pixel_path.array_format,
     )
     names = splits.class_names
     balance_warnings = report_class_balance(names, splits.train_counts)

@@ -65,6 +65,8 @@ class LinprobeConfig:
     max_corrupt_fraction: float = option(
         0.1, help="stop when more of a split than this share cannot be decoded (the rest are skipped)")
     eval_crop_pct: float = option(224 / 256, help="resize to size / crop_pct, then center crop")
+    adapt_channels: bool = option(
+        False, help="images unlike the checkpoint's (channels, bit depth): adapt the checkpoint to them, else stop")
     # feature cache
     cache_features: bool = option(False, help="encode every image once and train the head on cached features")
     feature_cache_dir: str | None = option(None, help="where cached features go; default: OUTPUT_DIR/feature_cache")
@@ -131,6 +133,7 @@ from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
 from modeling_mae.training.classification_data import (  # noqa: E402
     UnreadableImages,
     build_classification_loaders,
+    classification_pixel_path,
     label_maps,
     load_classification_splits,
     make_synthetic_classification,
@@ -149,7 +152,7 @@ from modeling_mae.training.evaluation import (  # noqa: E402
 )
 from modeling_mae.training.export import check_hub_access, export_model  # noqa: E402
 from modeling_mae.training.linear_probe import FeatureCache, ProbeHead, feature_cache_key  # noqa: E402
-from modeling_mae.training.model_loading import checkpoint_options, load_classifier  # noqa: E402
+from modeling_mae.training.model_loading import adapt_to_pixel_path, checkpoint_options, load_classifier  # noqa: E402
 from modeling_mae.training.optim import build_lars, create_scheduler, effective_batch_size, scaled_lr  # noqa: E402
 from modeling_mae.training.runtime import (  # noqa: E402
     GracefulStop,  # noqa: E402
@@ -159,7 +162,6 @@ from modeling_mae.training.runtime import (  # noqa: E402
     resume_command,  # noqa: E402
     tracker_hparams,  # noqa: E402
 )
-from modeling_mae.training.transforms import EvalTransform, normalize_on_device  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -204,12 +206,18 @@ def main(argv=None) -> int:
     model = load_classifier(cfg.model_name_or_path, pooling="cls", linear_probe_head=True, drop_path_rate=0.0,
                             num_labels=len(splits.class_names), **label_maps(splits.class_names),
                             **checkpoint_options(cfg))
+    # the checkpoint's pixels (channels, bit depth, statistics), checked against the data's
+    pixel_path = classification_pixel_path(cfg, model.config.num_channels, splits, progress=accelerator.is_main_process)
+    logger.info("pixels: %s", pixel_path.describe())
+    model = adapt_to_pixel_path(model, pixel_path)
+    normalize_on_device = pixel_path.normalize  # uint8 or float batch -> normalised with the run's mean / std
     freeze_encoder(model)
     size = model.config.image_hw
-    processor = model.default_image_processor(crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
-    train_transform = LinprobeTrainTransform(size)
+    processor = pixel_path.image_processor(model, crop_pct=cfg.eval_crop_pct)  # = the evaluation transform
+    train_transform = LinprobeTrainTransform(size)  # PIL (8-bit RGB) or float tensors (other formats)
     train_loader, eval_loader = build_classification_loaders(
-        cfg, accelerator, splits, train_transform, EvalTransform(size, cfg.eval_crop_pct)
+        cfg, accelerator, splits, train_transform, pixel_path.eval_transform(size, cfg.eval_crop_pct),
+        pixel_format=pixel_path.array_format,
     )
     names = splits.class_names
     balance_warnings = report_class_balance(names, splits.train_counts)

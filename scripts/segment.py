@@ -92,6 +92,8 @@ class SegmentConfig:
     preprocessing_num_workers: int = option(4, help="DataLoader worker processes per training process")
     max_corrupt_fraction: float = option(
         0.1, help="stop when more than this share of the images read cannot be decoded")
+    adapt_channels: bool = option(
+        False, help="images unlike the checkpoint's (channels, bit depth): adapt the checkpoint to them, else stop")
     # ---- augmentation ----------------------------------------------------------------------------
     crop_size: int = option(512, help="training crop (pixels, square)")
     base_scale: list[int] = option([2048, 512], help="resize target long,short side before the random scale")
@@ -189,6 +191,7 @@ from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
 from modeling_mae.training.export import HubPushError, check_hub_access, push_to_hub  # noqa: E402
 from modeling_mae.training.model_loading import (  # noqa: E402
+    adapt_to_pixel_path,
     checkpoint_format,
     checkpoint_options,
     is_official_checkpoint,
@@ -208,12 +211,13 @@ from modeling_mae.training.segmentation_data import (  # noqa: E402
     IGNORE_INDEX,
     SegEvalTransform,
     SegmentationDataset,
+    segmentation_pixel_path,
     SegTrainTransform,
     collate_eval,
     collate_train,
     load_segmentation_split,
 )
-from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, normalize_on_device  # noqa: E402
+from modeling_mae.training.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 
 logger = logging.getLogger("segment")
@@ -318,15 +322,20 @@ def inference_options(cfg: SegmentConfig) -> dict:
     return dict(test_mode=cfg.eval_mode, test_crop_size=cfg.crop_size, test_stride=cfg.eval_stride)
 
 
-def image_processor(cfg: SegmentConfig) -> MAESegmentationImageProcessor:
+def image_processor(cfg: SegmentConfig, pixel_path=None) -> MAESegmentationImageProcessor:
     """The evaluation's pre- and post-processing, saved with the model: keep-ratio rescale to fit
-    `base_scale`, ImageNet mean / std, ADE's label reduction, logits resized to the image before the argmax."""
+    `base_scale`, the run's pixel format and mean / std (`pixel_path`; default 8-bit RGB with ImageNet's),
+    ADE's label reduction, logits resized to the image before the argmax."""
+    pixels = {} if pixel_path is None else dict(
+        num_channels=pixel_path.format.num_channels, pixel_dtype=pixel_path.format.dtype,
+        pixel_range=list(pixel_path.format.value_range))
     return MAESegmentationImageProcessor(
         scale=list(cfg.base_scale),
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
+        image_mean=list(IMAGENET_DEFAULT_MEAN if pixel_path is None else pixel_path.mean),
+        image_std=list(IMAGENET_DEFAULT_STD if pixel_path is None else pixel_path.std),
         do_reduce_labels=cfg.reduce_labels,
         ignore_index=IGNORE_INDEX,
+        **pixels,
     )
 
 
@@ -345,15 +354,16 @@ def load_mean_iou(path: str):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
+def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou, processor=None) -> dict:
     """mIoU / mAcc / aAcc over `dataset`: each process predicts its own share of the images and sums
     the per-class areas (`intersect_and_union`); one all-reduce adds them up.
 
     Every step is the exported model's and image processor's (the dataset's resize is the processor's
     `resize_uint8`, the model's forward runs `test_mode` inference, the processor resizes the logits to
-    the annotation and takes the argmax), so `pipeline("image-segmentation")` on the export scores the same."""
+    the annotation and takes the argmax), so `pipeline("image-segmentation")` on the export scores the same.
+    `processor`: the run's (`image_processor(cfg, pixel_path)`); default the 8-bit RGB one."""
     model.eval()
-    processor = image_processor(cfg)
+    processor = processor or image_processor(cfg)
     shard = torch.utils.data.Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
     loader = torch.utils.data.DataLoader(
         shard,
@@ -366,7 +376,7 @@ def evaluate(model, dataset, accelerator, cfg: SegmentConfig, mean_iou) -> dict:
     for batch in loader:
         skipped += batch["num_skipped"]
         for pixels, label in zip(batch["pixel_values"], batch["labels"]):
-            pixel_values = processor.normalize_uint8(pixels[None].to(accelerator.device))
+            pixel_values = processor.normalize(pixels[None].to(accelerator.device))  # uint8 or float pixels
             with accelerator.autocast():
                 outputs = model(pixel_values=pixel_values)  # eval mode: the config's slide / whole inference
             prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[tuple(label.shape)])
@@ -409,7 +419,7 @@ ViT encoder, fine-tuned with `scripts/segment.py` of modeling_mae on **{{ datase
 The saved image processor and model run the evaluation that gave these numbers: the image rescaled
 (aspect ratio kept) to fit {{ test_scale }}, `test_mode: {{ eval_mode }}` inference (sliding windows are
 {{ crop_size }} pixels, {{ eval_stride }} apart), the logits resized to the image before the argmax.
-
+{{ pixels_note }}
 ```python
 import torch
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
@@ -437,7 +447,7 @@ The resolved run config:
 """
 
 
-def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
+def export(model, accelerator, cfg: SegmentConfig, card_values: dict, processor=None) -> None:
     """Weights + config + modeling code (remote-code loadable), image processor, model card."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -450,7 +460,14 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
         unwrapped = revert_sync_batchnorm(unwrapped)
     unwrapped.save_pretrained(out)
     give_weights_usual_mode(out)  # safetensors writes 0600; every other file is 0644 (umask)
-    image_processor(cfg).save_pretrained(out)
+    processor = processor or image_processor(cfg)
+    processor.save_pretrained(out)
+    low, high = processor.pixel_range
+    pixels_note = "" if processor.is_rgb8 else (
+        f"\nInput pixels: {processor.num_channels} channel(s) of {processor.pixel_dtype}, scaled from [{low:g}, {high:g}] "
+        f"to [0, 1], mean {processor.image_mean}, std {processor.image_std}. transformers' segmentation pipeline "
+        f"converts images to 8-bit RGB and takes no arrays: give the processor below the image as a numpy array "
+        f"(`np.load(\"scene.npy\")`, `np.asarray(Image.open(\"scan.png\"))`), with `target_sizes=[image.shape[:2]]`.\n")
     data = ModelCardData(
         license="apache-2.0", library_name="transformers", pipeline_tag="image-segmentation",
         tags=["mae", "upernet", "semantic-segmentation"], datasets=[cfg.dataset_name] if cfg.data_dir is None else None,
@@ -461,7 +478,7 @@ def export(model, accelerator, cfg: SegmentConfig, card_values: dict) -> None:
         strides=", ".join(f"{s:g}" for s in pyramid_strides(unwrapped)), crop_size=cfg.crop_size,
         eval_stride=cfg.eval_stride, test_scale=tuple(cfg.base_scale),
         lr=cfg.learning_rate, layer_decay=cfg.layer_decay, num_labels=cfg.num_labels,
-        repo_id=cfg.hub_model_id or cfg.output_dir, config_yaml=to_yaml(cfg), **card_values,
+        repo_id=cfg.hub_model_id or cfg.output_dir, config_yaml=to_yaml(cfg), pixels_note=pixels_note, **card_values,
     )
     card.save(out / "README.md")
 
@@ -523,8 +540,6 @@ def main(argv=None) -> dict:
     patch = model.config.backbone_config.patch_size
     if cfg.crop_size % (2 * patch):
         raise ValueError(f"`crop_size` ({cfg.crop_size}) must be a multiple of 2 x patch_size ({2 * patch})")
-    if cfg.sync_batchnorm and accelerator.num_processes > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     # ---- data ------------------------------------------------------------------------------------
     source = dict(dataset_name=None if cfg.data_dir else cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
@@ -535,9 +550,22 @@ def main(argv=None) -> dict:
         train_split = train_split.select(range(min(cfg.max_train_samples, len(train_split))))
     if cfg.max_eval_samples is not None:
         eval_split = eval_split.select(range(min(cfg.max_eval_samples, len(eval_split))))
+    # the checkpoint's pixels (channels, bit depth, statistics), checked against the data's
+    pixel_path = segmentation_pixel_path(cfg.model_name_or_path, model.config.backbone_config.num_channels,
+                                         train_split, cfg.image_column_name, cfg.hub_token,
+                                         progress=accelerator.is_main_process, adapt_channels=cfg.adapt_channels)
+    logger.info("pixels: %s", pixel_path.describe())
+    model = adapt_to_pixel_path(model, pixel_path)  # the backbone's patch projection, when adapting
+    if cfg.sync_batchnorm and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not pixel_path.is_rgb8 and cfg.photometric:
+        logger.info("photometric distortion on %d channel(s) of %s: brightness and contrast of the float pixels "
+                    "(saturation and hue need colour)", pixel_path.format.num_channels, pixel_path.format.dtype)
+    normalize_on_device = pixel_path.normalize  # uint8 or float batch -> normalised with the run's mean / std
+    processor = image_processor(cfg, pixel_path)  # the evaluation's pre- and post-processing, exported
     columns = dict(
         image_column=cfg.image_column_name, label_column=cfg.label_column_name, reduce_labels=cfg.reduce_labels,
-        num_labels=cfg.num_labels,
+        num_labels=cfg.num_labels, pixel_format=pixel_path.array_format,
     )
     train_set = SegmentationDataset(
         train_split,
@@ -589,7 +617,7 @@ def main(argv=None) -> dict:
     )
 
     def run_evaluation() -> None:
-        results = evaluate(model, eval_set, accelerator, cfg, mean_iou)
+        results = evaluate(model, eval_set, accelerator, cfg, mean_iou, processor)
         step = state["step"]
         state["history"].append({"step": step, **results})
         logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f%s", step, results["mean_iou"],
@@ -604,7 +632,7 @@ def main(argv=None) -> dict:
                 best_aacc_pct=f"{results['aAcc']:.2f}", best_miou_pct=f"{results['mIoU']:.2f}",
                 best_macc_pct=f"{results['mAcc']:.2f}",
                 per_class_rows=per_class_rows(results["per_category_iou"], label_names(cfg)),
-            ))
+            ), processor=processor)
 
     # ---- loop ------------------------------------------------------------------------------------
     model.train()

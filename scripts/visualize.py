@@ -26,7 +26,7 @@ from typing import Optional
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.choices import MASK_STRATEGIES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".npy")  # .npy: multi-band arrays
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,12 @@ from PIL import Image  # noqa: E402
 from modeling_mae import MAEForPreTraining  # noqa: E402
 from modeling_mae.training.classification_data import load_map_dataset  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
-from modeling_mae.training.model_loading import checkpoint_options, load_pretrained  # noqa: E402
-from modeling_mae.training.transforms import EvalTransform  # noqa: E402
+from modeling_mae.training.model_loading import (  # noqa: E402
+    checkpoint_options,
+    load_pretrained,
+    read_image_processor_config,
+)
+from modeling_mae.training.pixels import resolve_pixel_path  # noqa: E402
 from modeling_mae.training.visualization import save_reconstruction_png  # noqa: E402
 
 
@@ -103,11 +107,9 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def load_images(cfg: VisualizeConfig) -> list[Image.Image]:
-    """The images to show, upright (EXIF orientation) and RGB; an unreadable one is skipped with a
-    warning naming its file (or dataset row), never a crash."""
+def named_cells(cfg: VisualizeConfig) -> list[tuple[str, object]]:
+    """(name, undecoded cell) of the images to show: the given files and folders, or the dataset's first ones."""
     from modeling_mae.training.classification_data import describe_example
-    from modeling_mae.training.data import CorruptImageError, decode_image
 
     if cfg.images:
         files = image_files(cfg.images)
@@ -117,10 +119,21 @@ def load_images(cfg: VisualizeConfig) -> list[Image.Image]:
                                                    cfg.image_column)
         count = min(len(source), cfg.num_images) if cfg.num_images > 0 else len(source)
         cells = [(describe_example(source, i, image_column), source[i][image_column]) for i in range(count)]
+    return cells
+
+
+def load_images(cfg: VisualizeConfig, cells=None, pixel_format=None) -> list:
+    """The images to show: upright (EXIF orientation) RGB PIL images, or with a `pixel_format` (not 8-bit
+    RGB) float (C, H, W) tensors scaled by the dataset's range; an unreadable one is skipped with a
+    warning naming its file (or dataset row), never a crash."""
+    from modeling_mae.training.data import CorruptImageError, decode_image
+    from modeling_mae.training.pixels import load_float_pixels
+
+    cells = named_cells(cfg) if cells is None else cells
     images, skipped = [], []
     for name, cell in cells:
         try:
-            images.append(decode_image(cell))
+            images.append(decode_image(cell) if pixel_format is None else load_float_pixels(cell, pixel_format, name))
         except CorruptImageError as err:
             skipped.append(name)
             print(f"skipped an unreadable image: {name} ({err})", file=sys.stderr)
@@ -136,15 +149,24 @@ def main(argv=None) -> list[Path]:
     cfg.check_required()
     print(to_yaml(cfg))
     model = load_pretrained(MAEForPreTraining, cfg.model_name_or_path, **checkpoint_options(cfg)).eval()
-    transform = EvalTransform(model.config.image_hw, crop_pct=cfg.eval_crop_pct)
-    batch = torch.stack([transform(image) for image in load_images(cfg)])  # uint8 (N, 3, H, W)
+    # the checkpoint's pixels (channels, bit depth, statistics), checked against the images'
+    cells = named_cells(cfg)
+    pixel_path = resolve_pixel_path(read_image_processor_config(cfg.model_name_or_path), model.config.num_channels,
+                                    [c for _, c in cells[:8]], [n for n, _ in cells[:8]],
+                                    checkpoint=f"the checkpoint {cfg.model_name_or_path}", data="the images",
+                                    can_adapt=False)
+    transform = pixel_path.eval_transform(model.config.image_hw, crop_pct=cfg.eval_crop_pct)
+    images = load_images(cfg, cells, pixel_path.array_format)
+    batch = torch.stack([transform(image) for image in images])  # uint8 (N, 3, H, W) or float (N, C, H, W)
+    batch = pixel_path.normalize(batch)
 
     written = []
     for k, start in enumerate(range(0, len(batch), cfg.images_per_grid)):
         chunk = batch[start : start + cfg.images_per_grid]
         path = Path(cfg.output_dir) / f"reconstruction_{k:03d}.png"
         save_reconstruction_png(
-            model, chunk, path, mask_ratio=cfg.mask_ratio, mask_strategy=cfg.mask_strategy, seed=cfg.seed + k
+            model, chunk, path, mask_ratio=cfg.mask_ratio, mask_strategy=cfg.mask_strategy, seed=cfg.seed + k,
+            mean=pixel_path.mean, std=pixel_path.std,
         )
         written.append(path)
         print(f"wrote {path}")

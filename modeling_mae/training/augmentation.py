@@ -70,6 +70,127 @@ class FinetuneTrainTransform:
         return pil_to_uint8(self.ops(to_rgb(image)))
 
 
+# --------------------------------------------------------------------------------------------------
+# Images that are not 8-bit RGB: float (C, H, W) tensors of any channel count
+# --------------------------------------------------------------------------------------------------
+def _geometric(kind: str, fill):
+    """A tensor version of one of timm's geometric RandAugment ops, for `AugmentOp.aug_fn` (the level
+    argument is timm's: degrees, shear factor, or translation as a fraction / in pixels)."""
+    def op(pixels: torch.Tensor, level: float, **_):
+        height, width = pixels.shape[-2:]
+        affine = dict(angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0])
+        if kind == "Rotate":
+            affine["angle"] = level
+        elif kind in ("ShearX", "ShearY"):  # PIL's shear factor -> torchvision's shear angle, about the corner
+            angle = math.degrees(math.atan(level))
+            affine["shear"] = [angle, 0.0] if kind == "ShearX" else [0.0, angle]
+            affine["center"] = [0, 0]
+        elif kind.startswith("TranslateX"):
+            affine["translate"] = [round(level * width) if kind.endswith("Rel") else round(level), 0]
+        else:
+            affine["translate"] = [0, round(level * height) if kind.endswith("Rel") else round(level)]
+        return v2.functional.affine(pixels, interpolation=InterpolationMode.BILINEAR, fill=fill, **affine)
+    return op
+
+
+def _brightness(pixels: torch.Tensor, factor: float, **_):
+    """PIL's ImageEnhance.Brightness on floats: blend with black, x * factor (no clipping)."""
+    return pixels * factor
+
+
+def _contrast(pixels: torch.Tensor, factor: float, **_):
+    """PIL's ImageEnhance.Contrast on floats: blend with the image's mean value, mean + factor (x - mean)."""
+    mean = pixels.mean()
+    return mean + factor * (pixels - mean)
+
+
+def tensor_op(name: str, fill):
+    """The tensor implementation of timm's RandAugment op `name`, or None for the ops that need 8-bit RGB."""
+    base = name.removesuffix("Increasing")
+    if base in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"):
+        return _geometric(base, fill)
+    return {"Brightness": _brightness, "Contrast": _contrast}.get(base)
+
+
+def tensor_rand_augment(auto_augment: str, size, fill):
+    """timm's RandAugment of the spec `auto_augment` for float (C, H, W) images of any channel count.
+
+    The same policy object (ops drawn per image, probability and magnitude noise as the spec says), with
+    each op's PIL function swapped for a tensor one: the geometric ops (rotate, shear, translate; the
+    outside filled with `fill`, the dataset mean per channel, as timm fills with the ImageNet mean) and the
+    intensity equivalents of Brightness (x * f) and Contrast (mean + f (x - mean)). The ops that only mean
+    something for 8-bit RGB (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd, Color,
+    Sharpness) are left out. Returns (transform, kept op names, left-out op names)."""
+    from PIL import Image
+
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    hparams = dict(translate_const=int(min(size) * 0.45), img_mean=(128, 128, 128), interpolation=Image.BILINEAR)
+    policy = rand_augment_transform(auto_augment, hparams)
+    kept, dropped = [], []
+    for op in policy.ops:
+        fn = tensor_op(op.name, list(fill))
+        (kept if fn is not None else dropped).append(op)
+        if fn is not None:
+            op.aug_fn = fn
+    if not kept:
+        raise ValueError(f"`auto_augment` {auto_augment!r} has no op that applies to images other than 8-bit RGB")
+    if policy.choice_weights is not None:  # weights of the kept ops, renormalised
+        weights = [w for op, w in zip(policy.ops, policy.choice_weights) if op in kept]
+        policy.choice_weights = [w / sum(weights) for w in weights]
+    policy.ops = kept
+    return policy, [op.name for op in kept], [op.name for op in dropped]
+
+
+class ArrayFinetuneTrainTransform:
+    """The fine-tuning augmentation of `FinetuneTrainTransform` for float (C, H, W) tensors of any channel
+    count (16-bit, N bands): RandomResizedCrop(size, scale 0.08-1, bicubic, antialiased) + flip +
+    `tensor_rand_augment` (RandAugment's geometric ops and intensity equivalents of its colour ops).
+    `describe()` says what is used, for the log. Random erasing and Mixup / CutMix work on any channel count
+    and act later, on the normalised batch, as for RGB."""
+
+    def __init__(self, size, auto_augment: str | None = "rand-m9-mstd0.5-inc1", scale=(0.08, 1.0),
+                 hflip: float = 0.5, fill=(0.5,), num_channels: int = 1, pixel_description: str = ""):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        ops = [
+            v2.RandomResizedCrop(
+                self.size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.RandomHorizontalFlip(hflip),
+        ]
+        self.auto_augment, self.kept, self.dropped = auto_augment, [], []
+        self.pixel_description = pixel_description or f"{num_channels} channel(s)"
+        if auto_augment:
+            fill = list(fill) if len(fill) == num_channels else [float(fill[0])] * num_channels
+            policy, self.kept, self.dropped = tensor_rand_augment(auto_augment, self.size, fill)
+            ops.append(policy)
+        self.ops = v2.Compose(ops)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.ops(pixels)
+
+    def describe(self) -> str:
+        if not self.auto_augment:
+            return f"fine-tuning augmentation on {self.pixel_description}: RandomResizedCrop + flip, no RandAugment"
+        return (f"RandAugment {self.auto_augment!r} on {self.pixel_description}: ops drawn from "
+                f"{', '.join(self.kept)} (Brightness: x * f, Contrast: mean + f (x - mean), on the float pixels); "
+                f"left out, as they need 8-bit RGB: {', '.join(self.dropped) or 'none'}")
+
+
+def finetune_train_transform(pixel_path, size, auto_augment: str | None, scale):
+    """`FinetuneTrainTransform` for 8-bit RGB (PIL RandAugment, uint8), else `ArrayFinetuneTrainTransform`
+    (logged: what RandAugment does on these pixels)."""
+    import logging
+
+    if pixel_path.is_rgb8:
+        return FinetuneTrainTransform(size, auto_augment, scale=scale, mean=pixel_path.mean)
+    transform = ArrayFinetuneTrainTransform(size, auto_augment, scale=scale, fill=pixel_path.mean,
+                                            num_channels=pixel_path.format.num_channels,
+                                            pixel_description=f"{pixel_path.format.num_channels} channel(s) of "
+                                                              f"{pixel_path.format.dtype}")
+    logging.getLogger(__name__).info("%s", transform.describe())
+    return transform
+
+
 def official_crop_params(height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """The crop box (top, left, h, w) of the official linear probe's RandomResizedCrop (`util/crop.py`,
     after BYOL's TF code): ONE draw, no retry loop, no centre-crop fallback.
@@ -116,13 +237,16 @@ class OfficialRandomResizedCrop:
 
 class LinprobeTrainTransform:
     """The official linear-probe augmentation: RandomResizedCrop(size, scale 0.08-1, bicubic) with the
-    official sampler (`util/crop.py`, not torchvision's) + flip."""
+    official sampler (`util/crop.py`, not torchvision's) + flip. A PIL image -> uint8 (3, H, W); a float
+    (C, H, W) tensor (images that are not 8-bit RGB, any channel count) -> float (C, H, W), the same draws."""
 
     def __init__(self, size: int, hflip: float = 0.5):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.ops = v2.Compose([OfficialRandomResizedCrop(self.size), v2.RandomHorizontalFlip(hflip)])
 
     def __call__(self, image) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return self.ops(image)
         return pil_to_uint8(self.ops(to_rgb(image)))
 
 

@@ -4,6 +4,7 @@ names, and synthetic labelled images for the demo and the tests."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,11 @@ class MapImageDataset(torch.utils.data.Dataset):
     """Example i of a map-style `datasets.Dataset` -> (uint8 (C, H, W), label, index used, index asked).
 
     Images are decoded here (in DataLoader workers) with `data.decode_image` (EXIF orientation
-    applied). Labels go through `label_lookup` (the split's raw label -> the training id, so that every
-    split is numbered by class *name*; None: the raw integer), -1 when there is none.
+    applied) into an RGB PIL image for `transform`; with a `pixel_format` (a dataset that is not 8-bit
+    RGB, `pixels.PixelPath.array_format`) as pretraining reads them instead (`pixels.load_float_pixels`:
+    float32 (C, H, W) scaled by the dataset's range, every image checked against the format). Labels go
+    through `label_lookup` (the split's raw label -> the training id, so that every split is numbered by
+    class *name*; None: the raw integer), -1 when there is none.
 
     An undecodable image never stops the loader: with `substitute_unreadable` (training) the next
     readable example in dataset order stands in for it, so batches keep their size (Mixup needs even
@@ -96,8 +100,13 @@ class MapImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source, transform, image_column: str, label_column: str | None, seed: int | None = None,
-                 label_lookup: dict | None = None, substitute_unreadable: bool = False):
+                 label_lookup: dict | None = None, substitute_unreadable: bool = False, pixel_format=None):
         self.source = source
+        self.pixel_format = pixel_format
+        if pixel_format is not None:
+            from .pixels import feature_dtype
+
+            self._array_dtype = feature_dtype((source.features or {}).get(image_column))
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
@@ -127,7 +136,7 @@ class MapImageDataset(torch.utils.data.Dataset):
         return seeded(lambda: self.transform(image), seed)
 
     def __getitem__(self, index: int):
-        from .data import CorruptImageError, decode_image
+        from .data import CorruptImageError
 
         index = int(index)
         tries = len(self.source) if self.substitute_unreadable else 1
@@ -135,7 +144,7 @@ class MapImageDataset(torch.utils.data.Dataset):
             used = (index + offset) % len(self.source)
             example = self.source[used]
             try:
-                image = decode_image(example[self.image_column])
+                image = self._decode(example[self.image_column], used)
             except CorruptImageError:
                 continue
             # augmentation seeded by the slot asked for: a stand-in differs from its own turn's view
@@ -143,7 +152,20 @@ class MapImageDataset(torch.utils.data.Dataset):
         if self.substitute_unreadable:
             raise CorruptImageError(f"no image of the {len(self.source)} examples can be decoded")
         height, width = getattr(self.transform, "size", (1, 1))
+        if self.pixel_format is not None:
+            return torch.zeros(self.pixel_format.num_channels, height, width), -1, -1, index
         return torch.zeros(3, height, width, dtype=torch.uint8), -1, -1, index
+
+    def _decode(self, cell, index: int):
+        """RGB PIL image, or float (C, H, W) on the array path; `CorruptImageError` when undecodable."""
+        from .data import decode_image
+
+        if self.pixel_format is None:
+            return decode_image(cell)
+        from .pixels import load_float_pixels
+
+        name = functools.partial(describe_example, self.source, index, self.image_column)  # read only on a mismatch
+        return load_float_pixels(cell, self.pixel_format, name, self._array_dtype)
 
 
 def describe_example(source, index: int, image_column: str) -> str:
@@ -391,6 +413,33 @@ def load_classification_splits(cfg, accelerator) -> ClassificationSplits:
     return ClassificationSplits(train, val, image_col, label_col, names, train_lookup, val_lookup, counts)
 
 
+PROBE_IMAGES = 8  # images read for the data's channel count and bit depth (as pretraining reads)
+STATS_IMAGES = 256  # images read for the statistics of data the checkpoint was not trained on
+
+
+def image_cells(source, image_column: str, count: int) -> tuple[list, list[str]]:
+    """The first `count` image cells of a map-style split (undecoded) and their file names."""
+    indices = range(min(count, len(source)))
+    return [source[i][image_column] for i in indices], [describe_example(source, i, image_column) for i in indices]
+
+
+def classification_pixel_path(cfg, model_channels: int, splits: ClassificationSplits, progress: bool = True):
+    """The run's `pixels.PixelPath`: the checkpoint's pixel format and statistics (its saved image processor;
+    8-bit RGB for an RGB checkpoint without one), checked against the training split's first images; with
+    `cfg.adapt_channels` the data's own when they differ (see `pixels.resolve_pixel_path`)."""
+    from .model_loading import read_image_processor_config
+    from .pixels import resolve_pixel_path
+
+    cells, names = image_cells(splits.train, splits.image_column, PROBE_IMAGES)
+    stats_cells, stats_names = image_cells(splits.train, splits.image_column, STATS_IMAGES)
+    return resolve_pixel_path(
+        read_image_processor_config(cfg.model_name_or_path, token=getattr(cfg, "hub_token", None)), model_channels,
+        cells, names, adapt_channels=getattr(cfg, "adapt_channels", False),
+        checkpoint=f"the checkpoint {cfg.model_name_or_path}", data="the training images",
+        stats_cells=stats_cells, stats_names=stats_names, progress=progress,
+    )
+
+
 def set_train_epoch(train_loader, epoch: int) -> None:
     """New shuffle order (the prepared loader's seedable sampler) and new augmentation seeds."""
     train_loader.set_epoch(epoch)
@@ -398,14 +447,15 @@ def set_train_epoch(train_loader, epoch: int) -> None:
 
 
 def build_classification_loaders(cfg, accelerator, splits: ClassificationSplits, train_transform, eval_transform,
-                                 train_batch_size: int | None = None):
+                                 train_batch_size: int | None = None, pixel_format=None):
     """Train / validation DataLoaders (to be passed to `accelerator.prepare`).
 
     Train: shuffled by a seedable sampler (order = f(seed, epoch)) and augmented with per-example
     seeds (`MapImageDataset`), so resume is exact; last incomplete batch dropped; call
     `set_train_epoch(loader, epoch)` before each epoch. Validation: sharded with `even_batches`, so
     every process runs the same number of batches and `gather_for_metrics` drops the padding. Both
-    yield (uint8 (B, 3, H, W), labels (B,), index used (B,), index asked (B,)) (`MapImageDataset`).
+    yield (uint8 (B, 3, H, W), labels (B,), index used (B,), index asked (B,)) (`MapImageDataset`);
+    with a `pixel_format` (not 8-bit RGB) float32 (B, C, H, W) scaled by the dataset's range instead.
     """
     workers = cfg.dataloader_num_workers
     batch_size = train_batch_size or cfg.per_device_train_batch_size
@@ -416,7 +466,7 @@ def build_classification_loaders(cfg, accelerator, splits: ClassificationSplits,
     # workers are re-created every epoch (not persistent) so that they see the dataset's new epoch
     train_loader = torch.utils.data.DataLoader(
         MapImageDataset(splits.train, train_transform, splits.image_column, splits.label_column, seed=cfg.seed,
-                        label_lookup=splits.train_lookup, substitute_unreadable=True),
+                        label_lookup=splits.train_lookup, substitute_unreadable=True, pixel_format=pixel_format),
         batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
         pin_memory=accelerator.device.type == "cuda",
         # its own generator: the DataLoader's per-iterator seed draw must not shift the global RNG
@@ -426,7 +476,7 @@ def build_classification_loaders(cfg, accelerator, splits: ClassificationSplits,
     )
     eval_loader = torch.utils.data.DataLoader(
         MapImageDataset(splits.validation, eval_transform, splits.image_column, splits.label_column,
-                        label_lookup=splits.validation_lookup),
+                        label_lookup=splits.validation_lookup, pixel_format=pixel_format),
         batch_size=cfg.per_device_eval_batch_size, shuffle=False, num_workers=workers,
         pin_memory=accelerator.device.type == "cuda", worker_init_fn=worker_ignores_interrupts,
     )

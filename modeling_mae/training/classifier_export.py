@@ -36,8 +36,8 @@ Per-class top-1 on {{ eval_split }}: {{ per_class }}.
 |---|---|---|
 {{ class_rows }}
 
-Images are preprocessed by the saved image processor (`MAEImageProcessor`: EXIF orientation, shorter
-side to {{ resize }} px, centre crop {{ crop }}, ImageNet mean / std), the evaluation transform of the run.
+Images are preprocessed by the saved image processor (`MAEImageProcessor`: {{ decoding }}, shorter
+side to {{ resize }} px, centre crop {{ crop }}, {{ statistics }}), the evaluation transform of the run.
 
 ## Use
 
@@ -46,7 +46,7 @@ from transformers import pipeline
 
 # trust_remote_code: the modeling code saved beside the weights (or `import modeling_mae` first)
 classifier = pipeline("image-classification", model="{{ model_path }}", trust_remote_code=True)
-classifier("cat.jpg")   # [{"label": ..., "score": ...}, ...]
+{{ usage }}
 ```
 
 ## Training config
@@ -54,6 +54,30 @@ classifier("cat.jpg")   # [{"label": ..., "score": ...}, ...]
 ```yaml
 {{ config_yaml }}```
 """
+
+
+def pixel_card_values(image_processor) -> dict:
+    """The card's words for the pixel format: decoding, statistics, and how to call the pipeline (8-bit
+    RGB: files; other formats: numpy arrays in the data's dtype, since pipelines convert PIL images to RGB)."""
+    from ..image_processing_mae import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    rgb = image_processor is None or image_processor.is_rgb8
+    imagenet = rgb and (image_processor is None or (tuple(image_processor.image_mean) == IMAGENET_DEFAULT_MEAN
+                                                    and tuple(image_processor.image_std) == IMAGENET_DEFAULT_STD))
+    if rgb:
+        statistics = "ImageNet mean / std" if imagenet else (
+            f"mean {list(image_processor.image_mean)}, std {list(image_processor.image_std)}")
+        return dict(decoding="EXIF orientation", statistics=statistics,
+                    usage='classifier("cat.jpg")   # [{"label": ..., "score": ...}, ...]')
+    low, high = image_processor.pixel_range
+    return dict(
+        decoding=f"{image_processor.num_channels} channel(s) of {image_processor.pixel_dtype} scaled from "
+                 f"[{low:g}, {high:g}] to [0, 1]",
+        statistics=f"mean {list(image_processor.image_mean)}, std {list(image_processor.image_std)}",
+        usage=("# pipelines convert PIL images to 8-bit RGB: give the image as a numpy array in its own dtype\n"
+               "import numpy as np\nfrom PIL import Image\n"
+               'classifier(np.asarray(Image.open("scan.png")))   # or np.load("scene.npy"): (H, W) or (H, W, C)'),
+    )
 
 
 def dataset_display_name(dataset_name: str | None, train_dir: str | None) -> str:
@@ -69,9 +93,10 @@ def dataset_display_name(dataset_name: str | None, train_dir: str | None) -> str
 def write_classifier_card(output_dir, *, model_path: str, model_name: str, base_model: str, dataset_name: str,
                           eval_split: str, results: dict, best_epoch: int, epochs: int, script: str, method: str,
                           config_yaml: str, kept: str, class_names: list[str], train_counts: list[int],
-                          data_lines: list[str], image_size, crop_pct: float) -> Path:
+                          data_lines: list[str], image_size, crop_pct: float, image_processor=None) -> Path:
     """README.md with the measured top-1 / top-5 (also as `model-index` eval results), the classes and
-    their training counts, what was skipped, and a `pipeline` snippet that works from any directory."""
+    their training counts, what was skipped, and a `pipeline` snippet that works from any directory;
+    `image_processor` (the exported one) says the pixel format (8-bit RGB with ImageNet's statistics when None)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from ..image_processing_mae import eval_resize_size
@@ -107,6 +132,7 @@ def write_classifier_card(output_dir, *, model_path: str, model_name: str, base_
         data_lines="\n".join(f"- {line}" for line in data_lines),
         class_rows="\n".join(f"| {n} | {i} | {c} |" for i, (n, c) in enumerate(zip(class_names, train_counts))),
         resize=eval_resize_size((height, width), crop_pct), crop=f"{height}x{width}",
+        **pixel_card_values(image_processor),
     )
     path = Path(output_dir) / "README.md"
     card.save(path)
@@ -166,6 +192,7 @@ def finish_classifier_run(accelerator, model, cfg, state: dict, script: str, met
             config_yaml=to_yaml(cfg), class_names=names, train_counts=counts,
             data_lines=data_summary(cfg, splits, state, data_warnings or []) if splits is not None else [],
             image_size=unwrapped.config.image_hw, crop_pct=getattr(cfg, "eval_crop_pct", 0.875),
+            image_processor=image_processor,
         )
         where = cfg.hub_model_id or str(Path(cfg.output_dir).resolve())
         per_class = state.get("per_class", {})

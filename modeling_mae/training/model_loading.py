@@ -325,3 +325,41 @@ def adapt_num_channels(model, num_channels: int):
     adapted.set_position_embeddings_trainable()
     adapted.train(model.training)
     return adapted, f"adapted the {old}-channel checkpoint to {num_channels} channels: " + "; ".join(done)
+
+
+# --------------------------------------------------------------------------------------------------
+# The checkpoint's pixels (downstream runs)
+# --------------------------------------------------------------------------------------------------
+def read_image_processor_config(model_name_or_path: str, revision: str | None = None, token=None) -> dict | None:
+    """`preprocessor_config.json` of a directory or a Hub repository (what `pixels.saved_pixels` reads the
+    pixel format and statistics from); None for checkpoint files, and for repositories without one or out
+    of reach (the caller then assumes 8-bit RGB for a 3-channel model, as for official checkpoints)."""
+    if os.path.isfile(str(model_name_or_path)):
+        return None
+    local = Path(str(model_name_or_path)).expanduser()
+    if local.is_dir():
+        path = local / "preprocessor_config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(str(model_name_or_path), "preprocessor_config.json",
+                                               revision=revision, token=token)).read_text())
+    except Exception:  # no such file in the repository, offline: the model's config alone decides
+        return None
+
+
+def adapt_to_pixel_path(model, pixel_path):
+    """`model` adapted to the channel count of `pixel_path` (`adapt_num_channels`, logged), or itself. A
+    segmentation model (`MAEUperNetForSemanticSegmentation`) has its backbone adapted, and its config says so."""
+    backbone_config = getattr(model.config, "backbone_config", None)
+    channels = pixel_path.format.num_channels
+    if (backbone_config or model.config).num_channels == channels:
+        return model
+    if backbone_config is not None:
+        model.backbone, message = adapt_num_channels(model.backbone, channels)
+        model.config.backbone_config = model.backbone.config
+    else:
+        model, message = adapt_num_channels(model, channels)
+    logger.warning("%s", message)
+    return model

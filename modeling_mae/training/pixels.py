@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -36,6 +37,8 @@ from torchvision.transforms.v2 import functional as TF
 # which runs them at serving time: one implementation for training and serving
 from ..image_processing_mae import (  # noqa: F401 (SINGLE_CHANNEL_MODES, BIT_DEPTH_RANGES re-exported)
     BIT_DEPTH_RANGES,
+    IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN,
+    IMAGENET_DEFAULT_STD as IMAGENET_STD,
     SINGLE_CHANNEL_MODES,
     eval_resize_size,
     pil_to_array,
@@ -63,8 +66,8 @@ def _cell_bytes_or_path(cell: Any):
         return cell.get("bytes"), cell.get("path")
     if isinstance(cell, (bytes, bytearray)):
         return bytes(cell), None
-    if isinstance(cell, str):
-        return None, cell
+    if isinstance(cell, (str, os.PathLike)):
+        return None, str(cell)
     return None, None
 
 
@@ -260,6 +263,157 @@ def probe_pixel_format(cells: Iterable[Any], pixel_range=None, names: Iterable[s
             f"(the same for the whole dataset)"
         )
     return PixelFormat(channels, dtype, value_range)
+
+
+def load_float_pixels(cell: Any, fmt: PixelFormat, where, dtype: str | None = None) -> torch.Tensor:
+    """One image cell of a non-RGB dataset -> (C, H, W) float32 scaled by the dataset's range: the pixel path
+    of pretraining (`decode_array` -> `PixelFormat.check` -> `PixelFormat.to_float`). Undecodable: a
+    `data.CorruptImageError` (skipped and counted by the caller); another channel count or dtype: a
+    `PixelFormatError` naming `where` (a string, or a callable giving it: called only then; never skipped)."""
+    from .data import CorruptImageError
+
+    try:
+        array = decode_array(cell, dtype)
+    except Exception as err:  # what `data.decode_image` calls corrupt on the RGB path
+        raise CorruptImageError(f"{type(err).__name__}: {err}") from err
+    if array.shape[-1] != fmt.num_channels or str(array.dtype) != fmt.dtype:
+        fmt.check(array, where() if callable(where) else where)
+    return fmt.to_float(array)
+
+
+# --------------------------------------------------------------------------------------------------
+# Downstream runs (fine-tuning, linear probing, segmentation, features): the checkpoint's pixels
+# --------------------------------------------------------------------------------------------------
+RGB8 = PixelFormat(3, "uint8", BIT_DEPTH_RANGES["uint8"])
+
+
+@dataclass(frozen=True)
+class PixelPath:
+    """How a downstream run reads its images: the pixel format, the normalisation, and where they came from.
+
+    8-bit RGB keeps the photograph path of `transforms.py` (uint8 until the device, ImageNet mean / std);
+    every other format is read as pretraining reads it (`load_float_pixels`, `Array*Transform`). Both are
+    normalised on the device by `normalize` (= `transforms.normalize_on_device` with this run's statistics).
+    `checkpoint_channels` is the model's channel count as loaded: when it differs from the format's, the
+    model is adapted (`model_loading.adapt_to_pixel_path`)."""
+
+    format: PixelFormat
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    origin: str  # where format and statistics come from, for the log
+    checkpoint_channels: int
+
+    @property
+    def is_rgb8(self) -> bool:
+        return self.format.is_rgb8
+
+    @property
+    def array_format(self) -> PixelFormat | None:
+        """The format for the dataset classes: None on the 8-bit RGB path (PIL decoding, uint8 tensors)."""
+        return None if self.is_rgb8 else self.format
+
+    @property
+    def needs_adaptation(self) -> bool:
+        return self.format.num_channels != self.checkpoint_channels
+
+    def normalize(self, images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """uint8 (RGB path) or float (N, C, H, W) on any device -> normalised with this run's mean / std."""
+        from .transforms import normalize_on_device
+
+        return normalize_on_device(images, self.mean, self.std, dtype)
+
+    def eval_transform(self, size, crop_pct: float):
+        """Shorter side to size / crop_pct, centre crop: `EvalTransform` (PIL, uint8) or `ArrayEvalTransform`."""
+        from .transforms import EvalTransform
+
+        return EvalTransform(size, crop_pct) if self.is_rgb8 else ArrayEvalTransform(size, crop_pct)
+
+    def image_processor(self, model, crop_pct: float | None = None):
+        """The exported `MAEImageProcessor`, carrying this format and statistics
+        (`export.pixel_format_image_processor`; for 8-bit RGB with ImageNet's statistics the model's default
+        one), so that serving decodes, scales and normalises the dataset's files as the run evaluated them."""
+        from .export import pixel_format_image_processor
+
+        return pixel_format_image_processor(model, self.format, self.mean, self.std, crop_pct=crop_pct)
+
+    def describe(self) -> str:
+        return f"{self.format.describe()}; mean {list(self.mean)}, std {list(self.std)} ({self.origin})"
+
+
+def saved_pixels(processor_config: dict | None) -> tuple[PixelFormat, list[float], list[float]] | None:
+    """(format, mean, std) that a saved image processor (`preprocessor_config.json` of `MAEImageProcessor` or
+    `MAESegmentationImageProcessor`) describes; None when there is none, or it predates the pixel format
+    fields (an 8-bit RGB processor) or names no dtype."""
+    from ..image_processing_mae import _pixel_format
+
+    if not processor_config or "num_channels" not in processor_config:
+        return None
+    channels = int(processor_config["num_channels"])
+    dtype, value_range = _pixel_format(channels, processor_config.get("pixel_dtype"), processor_config.get("pixel_range"))
+    mean, std = processor_config.get("image_mean"), processor_config.get("image_std")
+    if dtype is None or mean is None or std is None:
+        return None
+    return PixelFormat(channels, dtype, value_range), [float(v) for v in mean], [float(v) for v in std]
+
+
+def resolve_pixel_path(processor_config: dict | None, model_channels: int, cells: Iterable[Any],
+                       names: Iterable[str] | None = None, *, adapt_channels: bool = False,
+                       checkpoint: str = "the checkpoint", data: str = "the training images",
+                       stats_cells: Iterable[Any] | None = None, stats_names: Iterable[str] | None = None,
+                       progress: bool = True, can_adapt: bool = True) -> PixelPath:
+    """The pixel path of a downstream run, decided once before any training.
+
+    The checkpoint's pixels come from its saved image processor (`saved_pixels`: pretraining on one's own
+    images saves channels, dtype, range and statistics), else 8-bit RGB with ImageNet's statistics for a
+    3-channel model (official, timm and transformers checkpoints). The data's come from its first images
+    (`cells`, `probe_pixel_format`). Then:
+
+    - they agree: the checkpoint's format and statistics (8-bit grayscale photographs count as RGB for an
+      RGB checkpoint and are converted, as before);
+    - they differ and `adapt_channels`: the data's format, statistics computed over `stats_cells` (as
+      pretraining's `auto`), the model to be adapted to the data's channel count;
+    - they differ otherwise: a `PixelFormatError` in one line naming both (and `adapt_channels` when the
+      run offers it, `can_adapt`).
+    A non-RGB checkpoint without a saved pixel format takes the data's format if the channel count fits."""
+    cells, names = list(cells), list(names) if names is not None else None
+    first = names[0] if names else "its first image"
+    adapt_channels = adapt_channels and can_adapt
+    hint = "; set `adapt_channels` true to adapt the checkpoint to them" if can_adapt else ""
+    saved = saved_pixels(processor_config)
+    if saved is None and model_channels == 3:
+        saved = (RGB8, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    if saved is not None and saved[0].is_rgb8:
+        found = probe_pixel_format(cells, None, names)
+        gray_photos = found.dtype == "uint8" and found.num_channels == 1 and not adapt_channels
+        if found.is_rgb8 or gray_photos:
+            return PixelPath(RGB8, tuple(saved[1]), tuple(saved[2]), "8-bit RGB, the checkpoint's statistics", 3)
+    else:
+        found = probe_pixel_format(cells, saved[0].value_range if saved else None, names)
+    if saved is not None and (found.num_channels, found.dtype) == (saved[0].num_channels, saved[0].dtype):
+        return PixelPath(saved[0], tuple(saved[1]), tuple(saved[2]), "the checkpoint's image processor",
+                         model_channels)
+    if saved is None and found.num_channels != model_channels and not adapt_channels:
+        raise PixelFormatError(
+            f"{checkpoint} has num_channels={model_channels} but {data} have {found.num_channels} channel(s) of "
+            f"{found.dtype} ({first}){hint}"
+        )
+    if saved is not None and not adapt_channels:
+        raise PixelFormatError(
+            f"{checkpoint} was trained on {saved[0].num_channels} channel(s) of {saved[0].dtype} but {data} have "
+            f"{found.num_channels} channel(s) of {found.dtype} ({first}); give images like the checkpoint's"
+            + (", or set `adapt_channels` true to adapt the checkpoint to these" if can_adapt else "")
+        )
+    if saved is not None and found.dtype != saved[0].dtype:  # the checkpoint's range is not the data's
+        found = probe_pixel_format(cells, None, names)
+    if stats_cells is None:
+        stats_cells, stats_names = cells, names
+    stats_cells, skipped = list(stats_cells), []
+    mean, std = channel_statistics(stats_cells, found, total=len(stats_cells), progress=progress, names=stats_names,
+                                   skipped=skipped)
+    why = ("the checkpoint saved no pixel format" if saved is None and found.num_channels == model_channels
+           else "the data's pixels, the checkpoint adapted to them")
+    return PixelPath(found, tuple(mean), tuple(std),
+                     f"statistics computed over {len(stats_cells) - len(skipped)} of {data}; {why}", model_channels)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ Augmentation (mmseg / BEiT ADE20K pipeline), on PIL images, uint8 until the devi
     flip           horizontal, p = 0.5
     photometric    brightness / contrast / saturation / hue jitter (torchvision ColorJitter)
     pad            to 512 x 512: image 0, label 255
+Images that are not 8-bit RGB (1 channel, 16 bit, N bands; `pixels.PixelPath`) are read as pretraining reads
+them (float (C, H, W) scaled by the dataset's range) and take the same steps on the float tensor (bilinear,
+antialiased); of the photometric distortion only brightness and contrast mean something there
+(`intensity_jitter`: the same ranges, on the float pixels); saturation and hue need colour and are left out.
 Evaluation resizes the image to fit (2048, 512) and predicts on 512 x 512 sliding windows (stride 341)
 or on the whole image; the logits are resized to the original annotation before the argmax. Those steps
 live with the exported model (`MAESegmentationImageProcessor`, `MAEUperNetForSemanticSegmentation`'s
@@ -44,9 +48,11 @@ from ..image_processing_mae_segmentation import (  # noqa: F401
     predict_label_map,
     reduce_labels,
     rescale_size,
+    resize_float,
     resize_uint8,
 )
 from ..modeling_mae_backbone import slide_inference, whole_inference  # noqa: F401
+from .data import CorruptImageError
 from .transforms import pil_to_uint8, to_rgb
 
 
@@ -94,7 +100,10 @@ def load_ade_folder(data_dir: str | os.PathLike, split: str):
         raise ValueError(f"{len(missing)} image(s) in {root}/images have no annotation PNG, e.g. {missing[:3]}")
     stems = sorted(images)
     data = {"image": [str(images[s]) for s in stems], "annotation": [str(annotations[s]) for s in stems]}
-    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    # multi-band .npy arrays are no `datasets` Image: their paths, decoded by `pixels.decode_array`
+    arrays = any(p.suffix.lower() == ".npy" for p in images.values())
+    features = datasets.Features({"image": datasets.Value("string") if arrays else datasets.Image(),
+                                  "annotation": datasets.Image()})
     return datasets.Dataset.from_dict(data, features=features)
 
 
@@ -157,8 +166,27 @@ def crop_window(label: np.ndarray, crop: int, cat_max_ratio: float, ignore_index
     return top, left
 
 
+def intensity_jitter(pixels: torch.Tensor, brightness: float, contrast: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The photometric distortion of images that are not 8-bit RGB (float (C, H, W), any channel count):
+    ColorJitter's brightness (x * b, b ~ U(1 - brightness, 1 + brightness)) and contrast (blend with the
+    image's mean, m + c (x - m), c ~ U(1 - contrast, 1 + contrast)) in random order, as ColorJitter draws
+    them; no clipping (the float pixels keep values beyond the range)."""
+    factors = {"brightness": 1 + brightness * (2 * torch.rand((), generator=generator).item() - 1),
+               "contrast": 1 + contrast * (2 * torch.rand((), generator=generator).item() - 1)}
+    order = [("brightness", "contrast"), ("contrast", "brightness")][int(torch.randint(2, (), generator=generator))]
+    for name in order:
+        if name == "brightness":
+            pixels = pixels * factors[name]
+        else:
+            mean = pixels.mean()
+            pixels = mean + factors[name] * (pixels - mean)
+    return pixels
+
+
 class SegTrainTransform:
-    """(PIL image, (H, W) int64 label) -> uint8 (3, S, S), int64 (S, S); see the module docstring."""
+    """(PIL image, (H, W) int64 label) -> uint8 (3, S, S), int64 (S, S); a float (C, H, W) image (not
+    8-bit RGB) -> float (C, S, S), with `intensity_jitter` for the photometric step; see the module docstring."""
 
     def __init__(
         self,
@@ -186,22 +214,28 @@ class SegTrainTransform:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`seed` fixes every random choice of this example (exact resume); None draws from the global RNGs."""
         rng = random.Random(seed) if seed is not None else random
-        image = to_rgb(image)
+        floats = isinstance(image, torch.Tensor)
+        image = image if floats else to_rgb(image)
+        height, width = image.shape[-2:] if floats else (image.height, image.width)
         # random scale
         ratio = rng.uniform(*self.scale_range)
         scale = (int(self.base_scale[0] * ratio), int(self.base_scale[1] * ratio))
-        size = rescale_size(image.height, image.width, scale)
+        size = rescale_size(height, width, scale)
         image = TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
         label_t = torch.from_numpy(label)[None]
         label_t = TF.resize(label_t, list(size), interpolation=InterpolationMode.NEAREST)[0]
         # random crop that no single class dominates
         top, left = crop_window(label_t.numpy(), self.crop_size, self.cat_max_ratio, self.ignore_index, rng=rng)
-        pixels = pil_to_uint8(image)[:, top : top + self.crop_size, left : left + self.crop_size]
+        pixels = (image if floats else pil_to_uint8(image))[:, top : top + self.crop_size, left : left + self.crop_size]
         label_t = label_t[top : top + self.crop_size, left : left + self.crop_size]
         # flip, photometric distortion (image only)
         if rng.random() < self.hflip:
             pixels, label_t = pixels.flip(-1), label_t.flip(-1)
-        if self.photometric is not None:
+        if self.photometric is not None and floats:
+            generator = torch.Generator().manual_seed(rng.getrandbits(63))
+            pixels = intensity_jitter(pixels, self.photometric.brightness[1] - 1, self.photometric.contrast[1] - 1,
+                                      generator)
+        elif self.photometric is not None:
             with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's global RNG
                 torch.manual_seed(rng.getrandbits(63))
                 pixels = self.photometric(pixels)
@@ -215,12 +249,15 @@ class SegTrainTransform:
 
 class SegEvalTransform:
     """PIL image -> uint8 (3, h, w) resized (keep ratio) to fit `scale`; the label stays at full size.
-    The exported image processor's own resize (`resize_uint8`), so the two cannot drift."""
+    The exported image processor's own resize (`resize_uint8`), so the two cannot drift. A float (C, H, W)
+    image (not 8-bit RGB) -> float (C, h, w) by the processor's `resize_float`."""
 
     def __init__(self, scale: tuple[int, int] = ADE20K_TEST_SCALE):
         self.scale = tuple(scale)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return resize_float(image, self.scale)
         return resize_uint8(image, self.scale)
 
 
@@ -231,8 +268,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     whatever the DataLoader workers or prefetching did before (`set_epoch` before each epoch)."""
 
     def __init__(self, source, transform, image_column="image", label_column="annotation", reduce_labels=True,
-                 train=True, ignore_index=IGNORE_INDEX, seed: int = 0, num_labels: int | None = None):
+                 train=True, ignore_index=IGNORE_INDEX, seed: int = 0, num_labels: int | None = None,
+                 pixel_format=None):
         check_columns(source, image_column, label_column)
+        self.pixel_format = pixel_format  # not 8-bit RGB: images read as float (`pixels.load_float_pixels`)
         self.source, self.transform, self.train = source, transform, train
         self.image_column, self.label_column = image_column, label_column
         self.reduce_labels, self.ignore_index = reduce_labels, ignore_index
@@ -255,8 +294,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
             for column in (self.image_column, self.label_column):
                 if isinstance(example[column], Image.Image):
                     example[column].load()
+            if self.pixel_format is not None:
+                from .pixels import load_float_pixels
+
+                example[self.image_column] = load_float_pixels(
+                    example[self.image_column], self.pixel_format, lambda: self.file_name(index, self.image_column))
             return example
-        except (OSError, SyntaxError) as err:  # PIL: unidentified, truncated or broken files
+        except (OSError, SyntaxError, CorruptImageError) as err:  # unidentified, truncated or broken files
             logger.warning("skipped an unreadable %s example %d: %s: %s", "training" if self.train else "evaluation",
                            index, type(err).__name__, err)
             return None
@@ -266,7 +310,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         try:
             import datasets
 
-            raw = self.source.cast_column(column, datasets.Image(decode=False))[int(index)][column]
+            raw = self.source[int(index)][column] if isinstance(self.source.features[column], datasets.Value) else (
+                self.source.cast_column(column, datasets.Image(decode=False))[int(index)][column])
+            if isinstance(raw, str):
+                return raw
             if raw.get("path"):
                 return str(raw["path"])
         except Exception:  # not a `datasets` Image column: name the example instead
@@ -275,7 +322,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def check_annotation(self, index: int, image, raw: np.ndarray) -> None:
         """An annotation must cover its image pixel for pixel (one class id per image pixel)."""
-        width, height = image.size if isinstance(image, Image.Image) else (raw.shape[1], raw.shape[0])
+        if isinstance(image, Image.Image):
+            width, height = image.size
+        elif isinstance(image, torch.Tensor):  # float (C, H, W)
+            height, width = image.shape[-2:]
+        else:
+            height, width = raw.shape
         if raw.shape != (height, width):
             raise ValueError(
                 f"annotation {self.file_name(index, self.label_column)} is {raw.shape[1]}x{raw.shape[0]} (width x "
@@ -320,6 +372,34 @@ class SegmentationDataset(torch.utils.data.Dataset):
         else:
             pixels, label_t = self.transform(example[self.image_column]), torch.from_numpy(label)
         return {"pixel_values": pixels, "labels": label_t, "skipped": skipped}
+
+
+def segmentation_pixel_path(model_name_or_path: str | None, model_channels: int, split, image_column: str = "image",
+                            token=None, progress: bool = True, adapt_channels: bool = False, probe_images: int = 8,
+                            stats_images: int = 256):
+    """The run's `pixels.PixelPath`: the checkpoint's pixel format and statistics (its saved image processor;
+    8-bit RGB for an RGB checkpoint or preset without one), checked against the training split's first
+    images; a mismatch is one line naming both unless `adapt_channels` (`pixels.resolve_pixel_path`)."""
+    import datasets
+
+    from .model_loading import read_image_processor_config
+    from .pixels import resolve_pixel_path
+
+    raw = split if isinstance(split.features[image_column], datasets.Value) else split.cast_column(
+        image_column, datasets.Image(decode=False))
+
+    def cells(count):
+        values = [raw[i][image_column] for i in range(min(count, len(raw)))]
+        names = [v if isinstance(v, str) else (v or {}).get("path") or f"example {i}" for i, v in enumerate(values)]
+        return values, names
+
+    probe, probe_names = cells(probe_images)
+    stats, stats_names = cells(stats_images)
+    config = read_image_processor_config(model_name_or_path, token=token) if model_name_or_path else None
+    return resolve_pixel_path(config, model_channels, probe, probe_names,
+                              checkpoint=f"the checkpoint {model_name_or_path}" if model_name_or_path else "the model",
+                              data="the training images", stats_cells=stats, stats_names=stats_names,
+                              progress=progress, adapt_channels=adapt_channels)
 
 
 def collate_train(examples: list[dict]) -> dict:
