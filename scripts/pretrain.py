@@ -105,6 +105,22 @@ class PretrainConfig:
     max_consecutive_nonfinite: int = option(10, help="stop after this many NaN/inf optimizer steps in a row")
     seed: int = option(0, help="seed of the initialisation, the masks, the crops and the data order")
     num_threads: Optional[int] = option(None, help="intra-op CPU threads per process (torch.set_num_threads)")
+    # ---- is it learning? k-NN evaluation during pretraining (labelled images) -----------------------
+    eval_steps: Optional[int] = option(
+        None, help="k-NN evaluation every N optimizer steps and at step 0; none: no evaluation")
+    eval_dataset_name: Optional[str] = option(
+        None, help="labelled Hub dataset of the evaluation; default: the training data (its labelled splits)")
+    eval_train_dir: Optional[str] = option(None, help="local labelled folder of the memory bank (any layout)")
+    eval_dir: Optional[str] = option(None, help="local labelled folder of the queries (held-out images)")
+    eval_train_split: str = option("train", help="split of the memory bank")
+    eval_split: str = option("validation", help="split of the queries")
+    eval_label_column: Optional[str] = option(None, help="label column of the evaluation data; detected when unset")
+    eval_bank_size: int = option(10000, help="memory-bank images (drawn at random with the seed)")
+    eval_num_queries: int = option(2000, help="query images (drawn at random with the seed)")
+    knn_k: int = option(20, help="neighbours that vote (DINO's k-NN protocol)")
+    knn_temperature: float = option(0.07, help="temperature of the votes exp(cosine / T)")
+    online_probe: bool = option(False, help="also fit a BatchNorm + Linear probe on the bank's detached features at each evaluation")
+    per_device_eval_batch_size: int = option(256, help="images per forward of the evaluation")
     # ---- checkpoints and output ------------------------------------------------------------------
     output_dir: str = option("outputs/mae-pretrain", help="where the model, checkpoints and logs go")
     checkpointing_steps: Optional[int] = option(1000, help="save a checkpoint every N optimizer steps; 0/none: never")
@@ -147,6 +163,11 @@ class PretrainConfig:
         parse_statistics(self.image_mean, self.image_std)  # raises on malformed values
         if self.image_stats_num_samples < 1:
             raise ValueError(f"`image_stats_num_samples` must be >= 1, got {self.image_stats_num_samples}")
+        for name in ("eval_steps", "eval_bank_size", "eval_num_queries", "knn_k", "per_device_eval_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.knn_temperature <= 0:
+            raise ValueError(f"`knn_temperature` must be > 0, got {self.knn_temperature}")
 
 
 PROBE_IMAGES = 8  # images read to find the data's channel count and bit depth
@@ -204,6 +225,10 @@ from modeling_mae.training.export import (  # noqa: E402
     write_model_card,
     write_space_files,
 )
+from modeling_mae.training.knn import load_knn_sets  # noqa: E402
+from modeling_mae.training.pretraining_evaluation import PretrainingMonitor, batch_signals, collapse_warning  # noqa: E402
+from modeling_mae.training.run_history import RunHistory, plot_training_curves  # noqa: E402
+from modeling_mae.training.visualization import reconstructions_over_time  # noqa: E402
 from modeling_mae.training.model_loading import (  # noqa: E402
     adapt_num_channels,  # noqa: E402
     checkpoint_options,
@@ -357,6 +382,67 @@ def build_stream(cfg: PretrainConfig, accelerator, image_size, pixel_format: Opt
     )
 
 
+def build_monitor(cfg: PretrainConfig, accelerator, image_size, pixel_format, stats) -> Optional[PretrainingMonitor]:
+    """The k-NN evaluation's fixed labelled sets (`eval_steps` set): the memory bank (`eval_train_dir` /
+    `eval_dataset_name` / the training data, split `eval_train_split`) and the held-out queries (`eval_dir` /
+    `eval_dataset_name` / the training data, split `eval_split`), decoded once with the evaluation
+    transform of the training pixels, each process its share."""
+    if cfg.eval_steps is None:
+        return None
+    training = cfg.train_dir or cfg.dataset_name
+    bank = (cfg.eval_train_dir or cfg.eval_dataset_name or training, cfg.eval_train_split)
+    queries = (cfg.eval_dir or cfg.eval_dataset_name or training, cfg.eval_split)
+    with accelerator.main_process_first():  # a Hub dataset is read (and cached) once
+        bank_set, query_set, classes = load_knn_sets(
+            bank, queries, cfg.eval_bank_size, cfg.eval_num_queries, image_size, pixel_format, seed=cfg.seed,
+            rank=accelerator.process_index, world_size=accelerator.num_processes, label_column=cfg.eval_label_column,
+            dataset_config_name=cfg.dataset_config_name if not cfg.eval_dataset_name else None, token=cfg.hub_token)
+    logger.info(
+        "k-NN evaluation at step 0 and every %d steps: memory bank %d images (%s, split %r), queries %d (%s, split "
+        "%r), %d classes; k %d, T %g (DINO's protocol), CLS and mean-pooled features of the unmasked encoder",
+        cfg.eval_steps, bank_set.total, bank[0], bank[1], query_set.total, queries[0], queries[1], len(classes),
+        cfg.knn_k, cfg.knn_temperature)
+    mean, std = stats[:2]
+    return PretrainingMonitor(
+        bank_set, query_set, lambda images: normalize_on_device(images, mean, std), device=accelerator.device,
+        dtype=autocast_dtype(accelerator.mixed_precision), accelerator=accelerator,
+        batch_size=cfg.per_device_eval_batch_size, k=cfg.knn_k, temperature=cfg.knn_temperature,
+        online_probe=cfg.online_probe, seed=cfg.seed)
+
+
+def log_pictures(accelerator, cfg: PretrainConfig, step: int, pictures: dict) -> None:
+    """PNG files into TensorBoard's images (when it is a tracker of the run)."""
+    if not (cfg.with_tracking and cfg.report_to in ("tensorboard", "all")):
+        return
+    import numpy as np
+    from PIL import Image
+
+    try:
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    except Exception:  # "all" without tensorboard installed
+        return
+    for tag, path in pictures.items():
+        if path is not None and hasattr(writer, "add_image"):
+            writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+
+def knn_card_values(history: RunHistory) -> dict:
+    """The model card's "Is it learning?" values: k-NN (and probe) at the first and the last evaluation, the
+    final loss as a share of the trivial predictor's."""
+    rows, first_step, last_step = [], None, None
+    for name, label in (("knn/cls_top1", "k-NN top-1, CLS token"), ("knn/mean_top1", "k-NN top-1, mean-pooled"),
+                        ("knn/cls_top5", "k-NN top-5, CLS token"), ("probe/top1", "online probe top-1 (CLS)")):
+        ends = history.first_and_last(name)
+        if ends:
+            (first_step, first), (last_step, last) = ends
+            rows.append(f"| {label} | {first:.2f} % | {last:.2f} % |")
+    ratio = history.first_and_last("train/loss_vs_trivial")
+    return {
+        "knn_table": "\n".join(rows) or None, "knn_first_step": first_step, "knn_last_step": last_step,
+        "loss_vs_trivial": f"{100 * ratio[1][1]:.0f} %" if ratio else None,
+    }
+
+
 def schedule_lengths(cfg: PretrainConfig, effective_batch: int, num_examples: Optional[int]) -> tuple[int, int]:
     """(total optimizer steps, warm-up steps) from epochs or explicit step counts."""
     steps_per_epoch = num_examples // effective_batch if num_examples else None
@@ -401,7 +487,8 @@ def next_micro_batches(batches, count: int, tracker: StreamTracker, accelerator)
 def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, guard: NonFiniteGuard, step: int,
                stats=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)):
     """One optimizer step over the micro-batches (`accelerator.gradient_accumulation_steps` of them: the
-    last one's `accumulate` syncs the gradients). Returns (mean loss, whether the step was applied).
+    last one's `accumulate` syncs the gradients). Returns (mean loss, whether the step was applied, the last
+    micro-batch's (normalised pixels, mask, loss) for the learning signals at logging steps).
     `stats`: the per-channel (mean, std) the pixels are normalised with."""
     model.train()
     losses = []
@@ -409,9 +496,11 @@ def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, gua
         pixel_values = normalize_on_device(batch["pixel_values"].to(accelerator.device, non_blocking=True), *stats)
         with accelerator.accumulate(model):  # no gradient sync but on the last micro-batch
             # the loss needs predictions for the removed patches only: skip the decoder work for the rest
-            loss = model(pixel_values=pixel_values, predict_masked_only=True).loss  # fp32 (forward_loss upcasts)
+            out = model(pixel_values=pixel_values, predict_masked_only=True)
+            loss = out.loss  # fp32 (forward_loss upcasts)
             accelerator.backward(loss)  # divided by gradient_accumulation_steps: the step's mean gradient
         losses.append(loss.detach().float())
+    last = (pixel_values, out.mask.detach(), losses[-1])
     loss = torch.stack(losses).mean()
     finite = torch.isfinite(loss)
     if cfg.max_grad_norm:
@@ -421,12 +510,12 @@ def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, gua
     all_finite = accelerator.gather(finite.float().reshape(1)).min().item() > 0
     if guard.check(all_finite, step):
         optimizer.zero_grad(set_to_none=True)
-        return loss, False
+        return loss, False, last
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf: keep the schedule
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, True
+    return loss, True, last
 
 
 @torch.no_grad()
@@ -510,7 +599,8 @@ def main(argv=None) -> int:
         (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml)
 
     if demo_dirs:
-        if is_main and ensure_demo_data(cfg.train_dir, write_demo_dataset):
+        has_queries = lambda folder: any(folder.glob("validation-*.parquet"))  # noqa: E731  (older demo data had none)
+        if is_main and ensure_demo_data(cfg.train_dir, write_demo_dataset, complete=has_queries):
             logger.info("wrote the demo dataset to %s", cfg.train_dir)
         accelerator.wait_for_everyone()
     if cfg.train_dir is not None:
@@ -531,6 +621,7 @@ def main(argv=None) -> int:
     model_config = model.config
 
     stream = build_stream(cfg, accelerator, model_config.image_hw, pixel_format)
+    monitor = build_monitor(cfg, accelerator, model_config.image_hw, pixel_format, stats)
     loader = make_dataloader(stream, cfg.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     num_examples = cfg.num_train_examples or count_examples(cfg.train_dir or stream.source, cfg.train_split)
 
@@ -582,6 +673,8 @@ def main(argv=None) -> int:
         logger.info("no checkpoint in %s yet: starting from scratch", manager.root)
     sample_log.truncate_after(state.step)
     start_step = state.step
+    history = RunHistory(cfg.output_dir, enabled=is_main)  # the run's story: training_curves.png, the card
+    history.truncate(state.step if resume_path is not None else -1)  # a fresh run starts a fresh story
 
     def save_checkpoint() -> Path:
         trainer_state = {**dataclasses.asdict(state), "nonfinite": guard.state_dict(), "lr": scheduler.get_last_lr()[0]}
@@ -607,12 +700,30 @@ def main(argv=None) -> int:
     # step N, so that the tests can resume from what a crash leaves behind
     crash_at = int(os.environ.get("MAE_CRASH_AT_STEP", "-1"))
     exit_code = 0
+
+    def evaluate(step: int) -> None:
+        """k-NN (and probe) of the unmasked encoder now: logged, tracked, kept in the history. Every process
+        takes part (its share of the sets; FSDP gathers the shards); the training RNG is not touched."""
+        start = time.perf_counter()
+        results = monitor.evaluate(accelerator.unwrap_model(model).mae)
+        results["eval/seconds"] = time.perf_counter() - start
+        history.append(step, results)
+        if cfg.with_tracking:
+            accelerator.log(results, step=step)
+        top5 = f", top-5 {results['knn/cls_top5']:.2f} %" if "knn/cls_top5" in results else ""
+        probe = f"; online probe {results['probe/top1']:.2f} %" if "probe/top1" in results else ""
+        logger.info("step %d: k-NN top-1 %.2f %% (CLS%s), %.2f %% (mean-pooled)%s [%.1f s]", step,
+                    results["knn/cls_top1"], top5, results["knn/mean_top1"], probe, results["eval/seconds"])
+        progress.set_postfix_str(f"knn={results['knn/cls_top1']:.1f}%", refresh=False)
+
     stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
     last_saved_step = None
     scope = contextlib.ExitStack()
     scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
     scope.enter_context(logging_redirect_tqdm())  # log lines go above the progress bar, not glued onto it
     try:
+        if monitor is not None and state.step == 0 and not history.series("knn/cls_top1")[0]:
+            evaluate(0)  # the starting point: random init, or the published checkpoint being continued
         while state.step < total_steps:
             stream.set_epoch(state.epoch)
             resumed_mid_epoch = stream_state is not None and int(stream_state["epoch"]) == state.epoch
@@ -636,8 +747,8 @@ def main(argv=None) -> int:
                 if preview is None:
                     preview = micro[0]["pixel_values"][: cfg.num_reconstruction_images].clone()
                 corrupt_images += sum(int(b["num_skipped"]) for b in micro)
-                loss, applied = train_step(model, micro, optimizer, scheduler, accelerator, cfg, guard, state.step + 1,
-                                           stats[:2])
+                loss, applied, last_micro = train_step(model, micro, optimizer, scheduler, accelerator, cfg, guard,
+                                                       state.step + 1, stats[:2])
                 state.step += 1
                 images = sum(len(b["pixel_values"]) for b in micro)
                 state.samples_seen += images * accelerator.num_processes
@@ -664,9 +775,16 @@ def main(argv=None) -> int:
                     }
                     if "mfu" in speed:
                         metrics["train/mfu"] = speed["mfu"]
+                    # no labels needed: the loss against the blind guess on the same patches, feature collapse
+                    signals = batch_signals(accelerator.unwrap_model(model), *last_micro)
+                    metrics.update(signals)
+                    warning = collapse_warning(signals)
+                    if warning and is_main:
+                        logger.warning("step %d: %s", state.step, warning)
+                    history.append(state.step, metrics)
                     progress.set_postfix(
-                        loss=f"{mean_loss:.4f}", lr=f"{metrics['train/lr']:.2e}",
-                        img_s=f"{speed['images_per_s']:.0f}", epoch=state.epoch,
+                        loss=f"{mean_loss:.4f}", vs_trivial=f"{100 * signals['train/loss_vs_trivial']:.0f}%",
+                        lr=f"{metrics['train/lr']:.2e}", img_s=f"{speed['images_per_s']:.0f}", epoch=state.epoch,
                     )
                     if cfg.with_tracking:
                         accelerator.log(metrics, step=state.step)
@@ -679,9 +797,13 @@ def main(argv=None) -> int:
                     else:
                         save_checkpoint()
                         last_saved_step = state.step
+                if monitor is not None and (state.step % cfg.eval_steps == 0 or state.step == total_steps):
+                    evaluate(state.step)
                 if cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0 and (is_main or sharded):
                     png = Path(cfg.output_dir) / "reconstructions" / f"step_{state.step}.png"
                     write_reconstruction(model, preview, png, cfg.seed, stats[:2], save=is_main)
+                    if is_main:
+                        log_pictures(accelerator, cfg, state.step, {"reconstruction": png})
                 if state.step == crash_at:
                     os.kill(os.getpid(), signal.SIGKILL)  # test hook (see the module docstring)
                 if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
@@ -723,6 +845,13 @@ def main(argv=None) -> int:
         and (output_dir / "reconstruction.png").exists()
     ):  # this finished run, exported again: its own picture stands
         recon = output_dir / "reconstruction.png"
+    curves = over_time = None
+    if is_main:
+        curves = plot_training_curves(history, output_dir / "training_curves.png")
+        grids = [(int(p.stem.removeprefix("step_")), p) for p in (output_dir / "reconstructions").glob("step_*.png")
+                 if p.stem.removeprefix("step_").isdigit() and int(p.stem.removeprefix("step_")) <= state.step]
+        over_time = reconstructions_over_time(grids, model_config.image_hw, output_dir / "reconstructions_over_time.png")
+        log_pictures(accelerator, cfg, state.step, {"training_curves": curves, "reconstructions_over_time": over_time})
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
         export_model(unwrapped, output_dir, state_dict=full_state_dict,
@@ -758,6 +887,11 @@ def main(argv=None) -> int:
             skipped_steps=guard.skipped,
             corrupt_images=corrupt_total,
             pixels=f"{pixel_format.describe()}; mean {stats[0]}, std {stats[1]} ({stats[2]})",
+            curves_png=curves.name if curves else None,
+            over_time_png=over_time.name if over_time else None,
+            knn_protocol=(f"bank {monitor.bank.total} images, {monitor.queries.total} queries, k {cfg.knn_k}, "
+                          f"T {cfg.knn_temperature}") if monitor is not None else None,
+            **knn_card_values(history),
             # the recipe with the model's own values for the settings left to the checkpoint / preset
             config_yaml=to_yaml(dataclasses.replace(
                 cfg, mask_ratio=model_config.mask_ratio, norm_pix_loss=model_config.norm_pix_loss)),

@@ -55,7 +55,7 @@ def test_batch_signals_leave_the_model_and_the_rng_as_they_were():
     pixels = torch.randn(4, 3, 32, 32)
     out = model(pixels)
     state = torch.get_rng_state()
-    signals = batch_signals(model, pixels, out)
+    signals = batch_signals(model, pixels, out.mask, out.loss)
     assert torch.equal(torch.get_rng_state(), state) and model.training and model.mae.training
     assert signals["train/loss_vs_trivial"] == pytest.approx(out.loss.item() / signals["train/trivial_loss"], rel=1e-6)
     assert 0 < signals["features/spread"] and 1 <= signals["features/rankme"] <= 4

@@ -102,39 +102,52 @@ class LabelledImages:
     labels: torch.Tensor
     total: int  # examples drawn, over all processes
     skipped: int  # undecodable ones among this process's share
+    positions: torch.Tensor | None = None  # each kept example's place in the drawn sample (gathered in that order)
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
 def _draw(name_or_dir, split, count, seed, image_column, label_column, dataset_config_name, token):
-    """(dataset, image column, drawn indices, class key of each drawn example): `count` examples at random."""
+    """(examples, image column, class key of each example): `count` examples drawn at random (seed) from a
+    local folder (map-style), or the first `count` of a Hub split streamed in its seeded file order (a
+    memory bank never downloads a whole training split)."""
+    from pathlib import Path
+
     import numpy as np
 
     from .classification_data import load_map_dataset
+    from .data import load_source, prepare_source
 
-    source, image_column, label_column = load_map_dataset(
-        name_or_dir, split, dataset_config_name, image_column, label_column, token=token)
+    if Path(name_or_dir).expanduser().is_dir():
+        source, image_column, label_column = load_map_dataset(
+            name_or_dir, split, dataset_config_name, image_column, label_column, token=token)
+        order = [int(i) for i in np.random.default_rng(seed).permutation(len(source))[: min(count, len(source))]]
+        source = source.select(order)
+    else:
+        stream = load_source(dataset_name=name_or_dir, dataset_config_name=dataset_config_name, split=split,
+                             token=token, seed=seed)
+        stream, image_column, label_column = prepare_source(stream, image_column, label_column)
+        source = stream
     if label_column is None:
-        raise ValueError(f"k-NN evaluation needs labels, but {name_or_dir!r} split {split!r} has no label column "
-                         f"(columns: {source.column_names}); set `eval_label_column`")
-    order = [int(i) for i in np.random.default_rng(seed).permutation(len(source))[: min(count, len(source))]]
-    names = getattr(source.features.get(label_column), "names", None)
-    raw = source.select(order)[label_column]
-    keys = [names[v] if names is not None else str(v) for v in raw]  # classes by name, across splits
-    return source, image_column, order, keys
+        raise ValueError(f"k-NN evaluation needs labels, but {name_or_dir!r} split {split!r} has no label column; "
+                         f"set `eval_label_column`")
+    names = getattr((source.features or {}).get(label_column), "names", None)
+    examples = [source[i] for i in range(len(source))] if hasattr(source, "select") else list(source.take(count))
+    keys = [names[e[label_column]] if names is not None else str(e[label_column]) for e in examples]
+    return examples, image_column, keys
 
 
-def _decode_share(source, image_column, indices, labels, image_size, pixel_format, crop_pct) -> LabelledImages:
+def _decode_share(examples, image_column, labels, image_size, pixel_format, crop_pct, positions) -> LabelledImages:
     from .data import CorruptImageError, decode_image
     from .pixels import ArrayEvalTransform, PixelFormatError, decode_array
     from .transforms import EvalTransform
 
     rgb = pixel_format is None or pixel_format.is_rgb8
     transform = EvalTransform(image_size, crop_pct) if rgb else ArrayEvalTransform(image_size, crop_pct)
-    pixels, kept, skipped = [], [], 0
-    for index, label in zip(indices, labels):
-        cell = source[index][image_column]
+    pixels, kept, places, skipped = [], [], [], 0
+    for index, (example, label, place) in enumerate(zip(examples, labels, positions)):
+        cell = example[image_column]
         try:
             if rgb:
                 pixels.append(transform(decode_image(cell)))
@@ -148,27 +161,29 @@ def _decode_share(source, image_column, indices, labels, image_size, pixel_forma
             skipped += 1
             continue
         kept.append(label)
+        places.append(place)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     channels = 3 if rgb else pixel_format.num_channels
     empty = torch.zeros(0, channels, *size, dtype=torch.uint8 if rgb else torch.float32)
-    return LabelledImages(torch.stack(pixels) if pixels else empty, torch.tensor(kept, dtype=torch.long), len(indices), skipped)
+    return LabelledImages(torch.stack(pixels) if pixels else empty, torch.tensor(kept, dtype=torch.long), len(examples),
+                          skipped, torch.tensor(places, dtype=torch.long))
 
 
 def load_knn_sets(bank: tuple[str, str], queries: tuple[str, str], bank_size: int, num_queries: int, image_size,
                   pixel_format=None, crop_pct: float = 224 / 256, seed: int = 0, rank: int = 0, world_size: int = 1,
                   image_column=None, label_column=None, dataset_config_name=None, token=None):
-    """The memory bank and the queries, each (name_or_dir, split): `bank_size` / `num_queries` examples drawn
-    at random (seed) from each split, every process decoding its share (drawn examples rank, rank + world,
-    ...), labels numbered by class name over both. Returns (bank, queries, class names)."""
+    """The memory bank and the queries, each (name_or_dir, split): `bank_size` / `num_queries` examples of
+    each split (`_draw`), every process decoding its share (examples rank, rank + world, ...), labels
+    numbered by class name over both. Returns (bank, queries, class names)."""
     drawn = [_draw(name, split, count, seed + offset, image_column, label_column, dataset_config_name, token)
              for offset, ((name, split), count) in enumerate(((bank, bank_size), (queries, num_queries)))]
-    classes = sorted({key for _, _, _, keys in drawn for key in keys})
+    classes = sorted({key for _, _, keys in drawn for key in keys})
     number = {key: i for i, key in enumerate(classes)}
     sets = []
-    for source, image_column_, order, keys in drawn:
+    for examples, image_column_, keys in drawn:
         share = slice(rank, None, world_size)
-        sets.append(_decode_share(source, image_column_, order[share], [number[k] for k in keys[share]], image_size,
-                                  pixel_format, crop_pct))
+        sets.append(_decode_share(examples[share], image_column_, [number[k] for k in keys[share]], image_size,
+                                  pixel_format, crop_pct, list(range(len(examples)))[share]))
     return sets[0], sets[1], classes
 
 

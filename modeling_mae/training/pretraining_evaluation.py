@@ -3,7 +3,7 @@
     monitor = PretrainingMonitor(bank, queries, normalize, ...)   # k-NN sets: knn.load_knn_sets
     monitor.evaluate(encoder)        # at step 0 and every `eval_steps`: k-NN top-1 / top-5 (CLS and mean-pooled),
                                      #   the online probe's top-1 when asked; {"knn/cls_top1": ..., ...}
-    batch_signals(model, pixel_values, out)   # at logging steps, no labels needed: the loss against the trivial
+    batch_signals(model, pixel_values, mask, loss)   # at logging steps, no labels: the loss against the trivial
                                      #   predictor's on the same batch, feature spread and RankMe
 
 Nothing here draws from the global RNG or changes the model's mode for good: a run with evaluation gives
@@ -47,9 +47,15 @@ class PretrainingMonitor:
             queries = images_features(encoder, self.queries, self.normalize, self.batch_size, self.device, self.dtype)
         finally:
             encoder.train(was_training)
-        gather = lambda t: _gather(t, self.accelerator)  # noqa: E731
-        return ({k: gather(v) for k, v in bank.items()}, {k: gather(v) for k, v in queries.items()},
-                gather(self.bank.labels.to(self.device)), gather(self.queries.labels.to(self.device)))
+        def gather(values: torch.Tensor, images: LabelledImages) -> torch.Tensor:
+            """Every process's rows, in the drawn sample's order (so 1 and N processes score alike)."""
+            everything = _gather(values, self.accelerator)
+            if images.positions is None:
+                return everything
+            return everything[torch.argsort(_gather(images.positions.to(self.device), self.accelerator))]
+
+        return ({k: gather(v, self.bank) for k, v in bank.items()}, {k: gather(v, self.queries) for k, v in queries.items()},
+                gather(self.bank.labels.to(self.device), self.bank), gather(self.queries.labels.to(self.device), self.queries))
 
     def evaluate(self, encoder) -> dict[str, float]:
         """{"knn/cls_top1", "knn/mean_top1" (and top5 above 5 classes), "probe/top1" with the online probe}, in %."""
@@ -93,12 +99,12 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, st
 
 
 @torch.no_grad()
-def batch_signals(model, pixel_values: torch.Tensor, out) -> dict[str, float]:
-    """Label-free signals of one training batch (the step's forward `out`, normalised `pixel_values`):
-    the trivial predictor's loss on the same removed patches and the loss as a share of it, and the
-    spread / effective rank of the unmasked encoder's CLS features (one extra forward, no grad, eval
-    mode; the model goes back to its mode). Call at logging steps only: it reads values to the host."""
-    trivial = trivial_predictor_loss(model, pixel_values, out.mask)
+def batch_signals(model, pixel_values: torch.Tensor, mask: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
+    """Label-free signals of one training micro-batch (normalised `pixel_values`, the step's `mask` (N, L)
+    and `loss`): the trivial predictor's loss on the same removed patches and the loss as a share of it,
+    and the spread / effective rank of the unmasked encoder's CLS features (one extra forward, no grad,
+    eval mode; the model goes back to its mode). Call at logging steps only: it reads values to the host."""
+    trivial = trivial_predictor_loss(model, pixel_values, mask)
     encoder = model.mae
     was_training = encoder.training
     encoder.eval()
@@ -109,7 +115,7 @@ def batch_signals(model, pixel_values: torch.Tensor, out) -> dict[str, float]:
     spread = feature_spread(features)
     signals = {
         "train/trivial_loss": trivial.item(),
-        "train/loss_vs_trivial": out.loss.item() / max(trivial.item(), 1e-12),
+        "train/loss_vs_trivial": float(loss) / max(trivial.item(), 1e-12),
         "features/spread": spread,
         "features/rankme": rankme(features),
     }

@@ -238,3 +238,40 @@ def save_reconstruction_png(model, pixel_values: torch.Tensor, path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     reconstruction_grid(model, pixel_values, **kwargs).save(path, format="PNG")
     return path
+
+
+def reconstructions_over_time(grids: list[tuple[int, Path]], image_hw: tuple[int, int], path: str | Path,
+                              rows: int = 4) -> Path | None:
+    """One picture of the run's reconstructions: the originals, then the "reconstruction + visible patches"
+    panel of the first `rows` images of each grid PNG `(step, path)` (as `reconstruction_grid` lays them
+    out for images of `image_hw`), one column per step, in step order. None without grids."""
+    grids = sorted(grids)
+    if not grids:
+        return None
+    height, width = image_hw
+    scale = upscale_factor(height, width)
+    panel_h, panel_w = height * scale, width * scale
+    top = HEADER_LINES * LINE_HEIGHT
+
+    def panel(image: Image.Image, row: int, col: int) -> Image.Image:
+        x, y = PAD + col * (panel_w + PAD), top + row * (panel_h + PAD)
+        return image.crop((x, y, x + panel_w, y + panel_h))
+
+    first = Image.open(grids[0][1]).convert("RGB")
+    rows = min(rows, (first.height - top) // (panel_h + PAD))
+    canvas = Image.new("RGB", ((len(grids) + 1) * (panel_w + PAD) + PAD, LINE_HEIGHT + rows * (panel_h + PAD) + PAD),
+                       BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=12)
+    draw.text((PAD, 2), "original", fill=(0, 0, 0), font=font)
+    for row in range(rows):
+        canvas.paste(panel(first, row, 0), (PAD, LINE_HEIGHT + row * (panel_h + PAD)))
+    for index, (step, grid_path) in enumerate(grids, start=1):
+        grid = Image.open(grid_path).convert("RGB")
+        x = PAD + index * (panel_w + PAD)
+        draw.text((x, 2), f"step {step}", fill=(0, 0, 0), font=font)
+        for row in range(rows):
+            canvas.paste(panel(grid, row, 3), (x, LINE_HEIGHT + row * (panel_h + PAD)))
+    path = Path(path)
+    canvas.save(path, format="PNG")
+    return path
