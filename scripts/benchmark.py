@@ -16,6 +16,10 @@ Parts (train, inference and attention once per `--dtype`, by default float32 and
   inference  feature extraction (encoder forward, no masking) vs `ViTMAEModel` (both attention settings).
   attention  the attention core alone, explicit matmuls vs torch's SDPA, at the model's shapes: the
              measurements behind the model's default attention (`modeling_mae.prefer_eager_attention`).
+  evaluation the k-NN evaluation during pretraining against the training it interrupts (ours only): a
+             training step and the unmasked feature forward of the same batch, interleaved, plus the k-NN
+             scoring of the queries against the bank; the cost of one evaluation every `eval_steps` as a
+             share of the training time between two, for the demo (its config) and ViT-B/16 (10k bank).
 
 The machine line says whether the CPU has AMX / AVX512-BF16 (bf16 instructions), and on CPU how the
 allocator runs: by default as the training scripts set it (glibc malloc keeps freed memory,
@@ -32,6 +36,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -44,7 +49,7 @@ from dataclasses import asdict, dataclass
 from modeling_mae_cli import HelpFormatter, run_main
 
 
-PART_NAMES = ("train", "masking", "pipeline", "inference", "attention")
+PART_NAMES = ("train", "masking", "pipeline", "inference", "attention", "evaluation")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -726,9 +731,64 @@ def bench_attention(args, device, dtype) -> list[Row]:
 
 
 # --------------------------------------------------------------------------------------------------
+EVALUATION_CASES = (  # (name, preset, batch on CPU / GPU, bank + queries, eval_steps, examples per epoch)
+    ("demo", "mae-tiny", (64, 64), (4096, 512), 128, 4096),
+    ("ViT-B/16", "mae-vit-base-patch16", (16, 256), (10000, 2000), None, 1281167),
+)
+
+
+def bench_evaluation(args, device, dtype) -> list[Row]:
+    from modeling_mae.training.knn import encoder_features, knn_scores
+
+    rows = []
+    for name, preset, batches, (bank, queries), eval_steps, epoch in EVALUATION_CASES:
+        overrides = sizes(True, device)["train"]["config"] if args.quick else {}
+        config = MAEConfig.from_preset(preset, **overrides) if not args.quick else MAEConfig(**overrides)
+        batch = batches[device.type == "cuda"] if not args.quick else 4
+        torch.manual_seed(0)
+        model = maybe_compile(MAEForPreTraining(config).to(device), args.compile)
+        optimizer = make_optimizer(model, device)
+        pixel_values, noise = images_and_noise(config, batch, device)
+
+        def features():
+            model.eval()
+            with torch.no_grad(), autocast(device, dtype):
+                encoder_features(model.mae, pixel_values)
+            model.train()
+
+        fns = {"train step": train_step_fn(model, optimizer, pixel_values, noise, device, dtype),
+               "features": features}
+        times = {k: median(v) for k, v in interleaved(fns, args.reps or 3, 1, device).items()}
+        bank_features = torch.randn(bank if not args.quick else 64, config.hidden_size, device=device)
+        query_features = torch.randn(queries if not args.quick else 16, config.hidden_size, device=device)
+        labels = torch.randint(0, 100, (bank_features.shape[0],), device=device)
+        start = time.perf_counter()
+        for _ in range(2):  # CLS and mean-pooled
+            knn_scores(query_features, bank_features, labels, 100)
+        synchronize(device)
+        scoring = time.perf_counter() - start
+        per_image_step, per_image_features = times["train step"] / batch, times["features"] / batch
+        one_eval = (bank + queries) * per_image_features + scoring
+        if eval_steps is not None:  # the demo: its own config (effective batch = batch)
+            share = one_eval / (eval_steps * batch * per_image_step)
+            rows.append(Row(f"evaluation cost, {name} (every {eval_steps} steps of {batch})", 100 * share, None, "%",
+                            limit=10.0, note=f"one evaluation {one_eval:.2f} s ({bank}+{queries} images); "
+                            f"{eval_steps} steps {eval_steps * times['train step']:.2f} s; {dtype_name(dtype)}"))
+        else:  # the recipe: effective batch 4096, evaluated once an epoch; and the eval_steps for 10 %
+            steps_per_epoch = epoch // 4096
+            share = one_eval / (steps_per_epoch * 4096 * per_image_step)
+            needed = math.ceil(one_eval / (0.10 * 4096 * per_image_step))
+            rows.append(Row(f"evaluation cost, {name} (once an epoch, effective batch 4096)", 100 * share, None, "%",
+                            limit=10.0, note=f"one evaluation {one_eval:.1f} s ({bank}+{queries} images, measured at "
+                            f"batch {batch}); <= 10 % from eval_steps {needed}; {dtype_name(dtype)}"))
+        del model, optimizer
+    return rows
+
+
 PARTS = {"train": bench_train, "masking": bench_masking, "pipeline": bench_pipeline, "inference": bench_inference,
+         "evaluation": bench_evaluation,
          "attention": bench_attention}
-PER_DTYPE = ("train", "inference", "attention")  # run once per --dtype; masking (first dtype) and pipeline once
+PER_DTYPE = ("train", "inference", "attention", "evaluation")  # run once per --dtype; masking (first dtype) and pipeline once
 
 
 def machine() -> dict:
