@@ -45,6 +45,7 @@ import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from modeling_mae_cli import HelpFormatter, run_main
 
@@ -731,17 +732,25 @@ def bench_attention(args, device, dtype) -> list[Row]:
 
 
 # --------------------------------------------------------------------------------------------------
-EVALUATION_CASES = (  # (name, preset, batch on CPU / GPU, bank + queries, eval_steps, examples per epoch)
-    ("demo", "mae-tiny", (64, 64), (4096, 512), 128, 4096),
-    ("ViT-B/16", "mae-vit-base-patch16", (16, 256), (10000, 2000), None, 1281167),
-)
+def evaluation_cases() -> tuple:
+    """(name, preset, batch on CPU / GPU, (bank, queries), eval_steps, examples per epoch): the demo as its
+    config (configs/pretrain/demo.yaml) runs it, and ViT-B/16 with a 10k bank evaluated once an epoch."""
+    import yaml
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/pretrain/demo.yaml").read_text())
+    batch = demo["per_device_train_batch_size"]
+    return (
+        ("demo", demo["model_preset"], (batch, batch), (demo["eval_bank_size"], demo["eval_num_queries"]),
+         demo["eval_steps"], 4096),
+        ("ViT-B/16", "mae-vit-base-patch16", (16, 256), (10000, 2000), None, 1281167),
+    )
 
 
 def bench_evaluation(args, device, dtype) -> list[Row]:
     from modeling_mae.training.knn import encoder_features, knn_scores
 
     rows = []
-    for name, preset, batches, (bank, queries), eval_steps, epoch in EVALUATION_CASES:
+    for name, preset, batches, (bank, queries), eval_steps, epoch in evaluation_cases():
         overrides = sizes(True, device)["train"]["config"] if args.quick else {}
         config = MAEConfig.from_preset(preset, **overrides) if not args.quick else MAEConfig(**overrides)
         batch = batches[device.type == "cuda"] if not args.quick else 4
