@@ -25,44 +25,19 @@ from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.choices import MIXUP_MODES
-from modeling_mae_cli.run_config import RunConfig, script_defaults
+from modeling_mae_cli.run_config import ClassifierRunConfig, script_defaults
 
 
 @dataclass(frozen=True)
 @script_defaults(per_device_train_batch_size=32, output_dir="outputs/mae-finetune")
-class FinetuneConfig(RunConfig):
+class FinetuneConfig(ClassifierRunConfig):
     """Fine-tune a pretrained MAE (defaults: the ViT-B/16 recipe of the paper, Table 9).
 
     Shared with every training script (`RunConfig`): the step (batch, accumulation, clipping, precision,
-    compile, seed), checkpoints, logging and the Hub; checkpoints are also written at each epoch end."""
+    compile, seed), checkpoints (also at each epoch end), logging and the Hub; with the linear probe
+    (`ClassifierRunConfig`): the pretrained model, the labelled splits, the epochs and the lr rule."""
 
-    # model
-    model_name_or_path: str = option(
-        "", help="pretrained MAE: save_pretrained directory, Hub id or official .pth (required)", hub_or_path=True)
-    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
-    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
-    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
     drop_path_rate: float = option(0.1, help="stochastic depth rate of the last block (linear over depth)")
-    # data: a Hub dataset (both splits), or local folders (parquet / webdataset / images)
-    dataset_name: str | None = option(None, help="Hub dataset with both splits; or use train_dir / validation_dir")
-    dataset_config_name: str | None = option(None, help="configuration name of the Hub dataset")
-    train_dir: str | None = option(None, help="local training folder (parquet, webdataset .tar or class folders)")
-    validation_dir: str | None = option(None, help="local validation folder, same layouts")
-    train_split: str = option("train", help="split of dataset_name to train on")
-    validation_split: str = option("validation", help="split of dataset_name to evaluate on")
-    image_column: str | None = option(None, help="image column; detected when unset (image, jpg, ...)")
-    label_column: str | None = option(None, help="label column; detected when unset (label, cls, ...)")
-    label_names: list[str] | None = option(
-        None, help="the label map (id i = label_names[i]); default: the training split's classes")
-    num_labels: int | None = option(None, help="classes; default: from the ClassLabel feature, else max label + 1")
-    create_demo_data: bool = option(
-        False, help="no data named: train on synthetic 4-class folders written once into outputs/demo_cls")
-    max_train_samples: int | None = option(None, help="use only the first N training examples")
-    max_eval_samples: int | None = option(None, help="use only the first N validation examples")
-    dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
-    max_corrupt_fraction: float = option(
-        0.1, help="stop when more of a split than this share cannot be decoded (the rest are skipped)")
     # augmentation (official: RandAugment 9 / 0.5, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1)
     crop_scale: list[float] = option([0.08, 1.0], help="RandomResizedCrop area range min,max")
     auto_augment: str | None = option("rand-m9-mstd0.5-inc1", help="timm auto-augment policy; none: off")
@@ -73,37 +48,19 @@ class FinetuneConfig(RunConfig):
     mixup_switch_prob: float = option(0.5, help="probability of cutmix instead of mixup when both are on")
     mixup_mode: str = option("batch", help="one mixing per batch, pair or element", choices=MIXUP_MODES)
     label_smoothing: float = option(0.1, help="label smoothing of the targets")
-    eval_crop_pct: float = option(224 / 256, help="evaluation: resize to size / crop_pct, then center crop")
-    # optimisation: lr = blr * effective batch / 256 unless learning_rate is given
-    per_device_eval_batch_size: int = option(64, help="evaluation images per process per batch")
-    blr: float = option(5e-4, help="base learning rate: lr = blr x effective batch / 256")
-    learning_rate: float | None = option(None, help="absolute learning rate; when set, blr is not used")
+    # AdamW with layer-wise lr decay
     layer_decay: float = option(0.65, help="layer-wise lr decay in (0, 1]: block i gets lr x decay^(depth - i)")
     weight_decay: float = option(0.05, help="AdamW weight decay (not on biases, norms, positions, tokens)")
     adam_beta1: float = option(0.9, help="AdamW beta1")
     adam_beta2: float = option(0.999, help="AdamW beta2")
     adam_epsilon: float = option(1e-8, help="AdamW epsilon")
-    min_lr: float = option(1e-6, help="learning rate at the end of the cosine schedule")
-    num_train_epochs: int = option(100, help="epochs to train (with the warm-up)")
-    num_warmup_epochs: float = option(5, help="epochs of linear learning-rate warm-up")
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("per_device_eval_batch_size", "num_train_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"`layer_decay` must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.num_warmup_epochs <= self.num_train_epochs:
-            raise ValueError(f"`num_warmup_epochs` must be in [0, num_train_epochs], got {self.num_warmup_epochs}")
         if self.mixup_mode not in ("batch", "pair", "elem"):
             raise ValueError(f"`mixup_mode` must be batch, pair or elem, got {self.mixup_mode!r}")
-
-    def check_required(self):
-        if not self.model_name_or_path:
-            raise ValueError("`model_name_or_path` is required (a directory, a Hub id or an official .pth file)")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("`push_to_hub` needs `hub_model_id` (user/name)")
 
 
 if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
@@ -175,7 +132,7 @@ def main(argv=None) -> int:
         FinetuneTrainTransform(size, cfg.auto_augment, scale=cfg.crop_scale),
         EvalTransform(size, cfg.eval_crop_pct),
     )
-    run = ClassifierRun(accelerator, cfg, checkpoints, splits)
+    run = ClassifierRun(accelerator, cfg, checkpoints, splits, log=logger)
 
     # ---- AdamW over layer-wise lr-decayed groups (fused on GPUs: built on the device), schedule per step
     model.to(accelerator.device)

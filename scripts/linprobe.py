@@ -29,71 +29,26 @@ from pathlib import Path
 from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
-from modeling_mae_cli.run_config import RunConfig, script_defaults
+from modeling_mae_cli.run_config import ClassifierRunConfig, script_defaults
 
 
 @dataclass(frozen=True)
-@script_defaults(per_device_train_batch_size=512, gradient_accumulation_steps=4, output_dir="outputs/mae-linprobe")
-class LinprobeConfig(RunConfig):
+@script_defaults(per_device_train_batch_size=512, gradient_accumulation_steps=4, output_dir="outputs/mae-linprobe",
+                 per_device_eval_batch_size=256, blr=0.1, min_lr=0.0, num_train_epochs=90, num_warmup_epochs=10)
+class LinprobeConfig(ClassifierRunConfig):
     """Linear probe of a pretrained MAE (defaults: the ViT-B/16 recipe of the paper, Table 10; 512 images x 8
     GPUs x 4 micro-batches = 16384 a step).
 
     Shared with every training script (`RunConfig`): the step (batch, accumulation, clipping, precision,
-    compile, seed), checkpoints, logging and the Hub; checkpoints are also written at each epoch end."""
+    compile, seed), checkpoints (also at each epoch end), logging and the Hub; with fine-tuning
+    (`ClassifierRunConfig`): the pretrained model, the labelled splits, the epochs and the lr rule."""
 
-    # model
-    model_name_or_path: str = option(
-        "", help="pretrained MAE: save_pretrained directory, Hub id or official .pth (required)", hub_or_path=True)
-    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
-    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
-    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
-    # data: a Hub dataset (both splits), or local folders (parquet / webdataset / images)
-    dataset_name: str | None = option(None, help="Hub dataset with both splits; or use train_dir / validation_dir")
-    dataset_config_name: str | None = option(None, help="configuration name of the Hub dataset")
-    train_dir: str | None = option(None, help="local training folder (parquet, webdataset .tar or class folders)")
-    validation_dir: str | None = option(None, help="local validation folder, same layouts")
-    train_split: str = option("train", help="split of dataset_name to train on")
-    validation_split: str = option("validation", help="split of dataset_name to evaluate on")
-    image_column: str | None = option(None, help="image column; detected when unset (image, jpg, ...)")
-    label_column: str | None = option(None, help="label column; detected when unset (label, cls, ...)")
-    label_names: list[str] | None = option(
-        None, help="the label map (id i = label_names[i]); default: the training split's classes")
-    num_labels: int | None = option(None, help="classes; default: from the ClassLabel feature, else max label + 1")
-    create_demo_data: bool = option(
-        False, help="no data named: train on synthetic 4-class folders written once into outputs/demo_cls")
-    max_train_samples: int | None = option(None, help="use only the first N training examples")
-    max_eval_samples: int | None = option(None, help="use only the first N validation examples")
-    dataloader_num_workers: int = option(8, help="DataLoader worker processes per training process")
-    max_corrupt_fraction: float = option(
-        0.1, help="stop when more of a split than this share cannot be decoded (the rest are skipped)")
-    eval_crop_pct: float = option(224 / 256, help="resize to size / crop_pct, then center crop")
     # feature cache
     cache_features: bool = option(False, help="encode every image once and train the head on cached features")
     feature_cache_dir: str | None = option(None, help="where cached features go; default: OUTPUT_DIR/feature_cache")
-    # optimisation: LARS, lr = blr * effective batch / 256 unless learning_rate is given
-    per_device_eval_batch_size: int = option(256, help="evaluation images per process per batch")
-    blr: float = option(0.1, help="base learning rate: lr = blr x effective batch / 256")
-    learning_rate: float | None = option(None, help="absolute learning rate; when set, blr is not used")
+    # LARS
     momentum: float = option(0.9, help="LARS momentum")
     weight_decay: float = option(0.0, help="LARS weight decay")
-    min_lr: float = option(0.0, help="learning rate at the end of the cosine schedule")
-    num_train_epochs: int = option(90, help="epochs to train (with the warm-up)")
-    num_warmup_epochs: float = option(10, help="epochs of linear learning-rate warm-up")
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("per_device_eval_batch_size", "num_train_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.num_warmup_epochs <= self.num_train_epochs:
-            raise ValueError(f"`num_warmup_epochs` must be in [0, num_train_epochs], got {self.num_warmup_epochs}")
-
-    def check_required(self):
-        if not self.model_name_or_path:
-            raise ValueError("`model_name_or_path` is required (a directory, a Hub id or an official .pth file)")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("`push_to_hub` needs `hub_model_id` (user/name)")
 
 
 if __name__ == "__main__":  # --help and usage errors answer before torch, transformers and datasets load
@@ -227,7 +182,7 @@ def main(argv=None) -> int:
     train_loader, eval_loader = build_classification_loaders(
         cfg, accelerator, splits, train_transform, EvalTransform(size, cfg.eval_crop_pct)
     )
-    run = ClassifierRun(accelerator, cfg, checkpoints, splits)
+    run = ClassifierRun(accelerator, cfg, checkpoints, splits, log=logger)
     encoder = compile_model(model.mae.to(accelerator.device), cfg.torch_compile)
     head = ProbeHead(model).to(accelerator.device)
 

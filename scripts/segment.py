@@ -65,10 +65,6 @@ class SegmentConfig(RunConfig):
     # width is not a published one: {num_attention_heads: 2}); a setting with its own field is set there
     model_config: dict = option(
         {}, help="MAEConfig fields over the preset's / checkpoint's (not those with a field here), e.g. '{num_hidden_layers: 4}'")
-    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
-    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
-    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
     out_indices: list[int] = option([4, 6, 8, 12], help="blocks feeding the pyramid's strides 4,8,16,32")
     add_fpn: bool = option(True, help="the simple feature pyramid (MAEConfig.add_fpn, as BEiT's); off: every block's map at stride p")
     drop_path_rate: float = option(0.1, help="stochastic depth rate of the last block (linear over depth)")

@@ -41,10 +41,11 @@ class ClassifierRun:
 
     `state` (saved in every checkpoint): step, epoch, best top-1 and its epoch, the per-epoch history
     and per-class counts, the unreadable training images; the epoch's running loss is kept exact
-    across a resume (`EpochLoss`)."""
+    across a resume (`EpochLoss`). `log`: the script's logger, for the epoch lines."""
 
-    def __init__(self, accelerator, cfg, checkpoints, splits):
+    def __init__(self, accelerator, cfg, checkpoints, splits, log: logging.Logger = logger):
         self.accelerator, self.cfg, self.checkpoints, self.splits = accelerator, cfg, checkpoints, splits
+        self.log = log  # the script's logger: the epoch lines are the script's
         self.names = splits.class_names
         self.balance_warnings = report_class_balance(self.names, splits.train_counts)
         self.bad_train = UnreadableImages(splits.train, splits.image_column, "training", cfg.max_corrupt_fraction)
@@ -99,7 +100,7 @@ class ClassifierRun:
         state["epoch"] = epoch + 1
         state["per_class"][str(epoch + 1)] = results.pop("per_class")  # [[correct, total] per class]
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, **results})
-        logger.info("%s", format_epoch_line(epoch + 1, train_loss, results, len(self.names)))
+        self.log.info("%s", format_epoch_line(epoch + 1, train_loss, results, len(self.names)))
         if self.cfg.with_tracking:
             self.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state["step"])
         if results["top1"] > state["best_top1"]:
@@ -114,7 +115,7 @@ class ClassifierRun:
         state = self.state
         if state["history"]:
             last_per_class = state["per_class"][str(state["epoch"])]
-            logger.info("per-class top-1 (last epoch): %s", format_per_class(self.names, last_per_class))
+            self.log.info("per-class top-1 (last epoch): %s", format_per_class(self.names, last_per_class))
         self.bad_train.merge(self.accelerator)
         state["unreadable_train"] = self.bad_train.state_dict()
         exit_code = finish_classifier_run(self.accelerator, model, self.cfg, state, script=script, method=method,

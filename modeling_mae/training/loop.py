@@ -1,4 +1,5 @@
-"""The training loop of the downstream scripts (fine-tuning, linear probing, segmentation), written once.
+"""The training loop of the four training scripts (pretraining, fine-tuning, linear probing, segmentation),
+written once.
 
 Every script supplies what is its own (model, data, the loss of a micro-batch, evaluation, export) and
 `TrainingLoop.run` does the rest, in this order, for every optimizer step:
@@ -13,14 +14,15 @@ Every script supplies what is its own (model, data, the loss of a micro-batch, e
                    the last log line over the processes, the lr, the script's own values (`on_log`),
                    tqdm, trackers
     evaluate       every `eval_steps` and at the last step (`evaluate`), or at each epoch end (`end_of_epoch`)
-    persist        a checkpoint every `checkpointing_steps` (`save`), and at each epoch end where the
-                   script evaluates per epoch
+    persist        a checkpoint every `checkpointing_steps` (`save`), at each epoch end where the script
+                   evaluates per epoch (`checkpoint_every_epoch`), after the last step (`checkpoint_at_end`)
     stop           SIGTERM / Ctrl-C: the step finishes, the checkpoint is written, the process exits with
                    the resume command (`GracefulStop`; on several processes its flag is read one step late,
                    so no step waits on the reduction)
 
-An epoch is `steps_per_epoch` optimizer steps (an incomplete last group of micro-batches is dropped);
-a run resumed mid-epoch skips the micro-batches already trained on (`micro_batches(epoch, skip)`).
+An epoch is `steps_per_epoch` optimizer steps (an incomplete last group of micro-batches is dropped),
+or, for a stream (`steps_per_epoch=None`), as long as its micro-batches last; a run resumed mid-epoch
+skips the micro-batches already trained on (`micro_batches(epoch, skip)`; a stream resumes itself).
 
 `start_run`, `restore` and `start_trackers` are the set-up around it that every script shares: logging,
 the Accelerator (mixed precision, trackers, accumulation), the output directory's owner and resume
@@ -145,7 +147,6 @@ class TrainingLoop:
         end_of_epoch: Callable[[int], None] | None = None,
         checkpoint_every_epoch: bool = False,
         checkpoint_at_end: bool = False,
-        eval_at_last_step: bool = True,
         on_log: Callable[[int, dict], None] | None = None,
         on_step_end: Callable[[int], None] | None = None,
         guard=None,
@@ -162,7 +163,7 @@ class TrainingLoop:
         self.stop, self.checkpoints = stop, checkpoints
         self.eval_steps, self.evaluate = eval_steps, evaluate
         self.end_of_epoch, self.checkpoint_every_epoch = end_of_epoch, checkpoint_every_epoch
-        self.checkpoint_at_end, self.eval_at_last_step = checkpoint_at_end, eval_at_last_step
+        self.checkpoint_at_end = checkpoint_at_end
         self.on_log, self.on_step_end, self.guard = on_log, on_step_end, guard
         self.redirect_logs = redirect_logs
         self.window_losses: list[torch.Tensor] = []  # the step losses since the last log line (on the device)
@@ -253,8 +254,7 @@ class TrainingLoop:
         last = step == self.max_steps
         if step % self.logging_steps == 0 or last:
             self.log(step)
-        if self.evaluate is not None and ((self.eval_steps and step % self.eval_steps == 0)
-                                          or (last and self.eval_at_last_step)):
+        if self.evaluate is not None and ((self.eval_steps and step % self.eval_steps == 0) or last):
             self.evaluate(step)
         saved = bool(self.checkpointing_steps) and step % self.checkpointing_steps == 0
         if saved and self.guard is not None and self.guard.consecutive:  # keep the last good checkpoint
