@@ -21,7 +21,6 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.choices import MIXUP_MODES

@@ -26,7 +26,6 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
 from modeling_mae_cli.run_config import ClassifierRunConfig, script_defaults

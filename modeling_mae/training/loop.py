@@ -154,7 +154,7 @@ class TrainingLoop:
     ):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.accumulation = cfg.gradient_accumulation_steps
-        self.max_grad_norm = getattr(cfg, "max_grad_norm", None)
+        self.max_grad_norm = cfg.max_grad_norm
         self.logging_steps = cfg.logging_steps
         self.checkpointing_steps = cfg.checkpointing_steps
         self.with_tracking = cfg.with_tracking
@@ -201,7 +201,8 @@ class TrainingLoop:
 
     def train_epoch(self, epoch: int) -> bool:
         """The optimizer steps of `epoch` still to take (all of them unless resumed mid-epoch). Returns
-        whether the epoch's micro-batches ran out (an epoch of unknown length, a stream, ended)."""
+        whether the epoch ended (its `steps_per_epoch` steps taken, or its micro-batches ran out); False
+        when the run's last step came first."""
         accelerator = self.accelerator
         spe = self.steps_per_epoch  # None: an epoch lasts as long as its micro-batches (a stream)
         epoch_end = (epoch + 1) * spe if spe else None
