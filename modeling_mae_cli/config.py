@@ -246,6 +246,18 @@ def _metavar(tp, field: dataclasses.Field) -> str:
     return getattr(tp, "__name__", "VALUE").upper()
 
 
+def help_order(cls) -> list[dataclasses.Field]:
+    """The fields of `cls` as `--help` lists them: in declaration order, those of its root base config
+    (the run's output, checkpoints, logging, Hub and precision every script shares, `run_config.RunConfig`)
+    last, after what the script is about (model, data, recipe)."""
+    bases = [klass for klass in cls.__mro__ if dataclasses.is_dataclass(klass)]
+    if len(bases) < 2:
+        return list(dataclasses.fields(cls))
+    shared = {f.name for f in dataclasses.fields(bases[-1])}
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]
+
+
 def build_parser(cls, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """The argparse parser of the config dataclass `cls`: `--config`, `--debug` and one flag per field."""
     hints = typing.get_type_hints(cls)
@@ -265,7 +277,7 @@ def build_parser(cls, description: str | None = None, prog: str | None = None) -
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error instead of its one-line message")
     options = parser.add_argument_group("config (YAML key or flag)")
-    for f in dataclasses.fields(cls):
+    for f in help_order(cls):
         tp = hints[f.name]
         text = f.metadata.get("help", "")
         help_line = f"{text} (default: {_default_text(f)})".replace("%", "%%").lstrip()

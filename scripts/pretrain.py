@@ -11,18 +11,19 @@ One typed config (`PretrainConfig`: YAML + command-line overrides, flag names as
               shards (`split_dataset_by_node`), so the DataLoader does not go through
               `accelerator.prepare`, and `dispatch_batches=False` is set explicitly all the same
     schedule  lr = blr x effective batch / 256; warm-up then half-cycle cosine per optimizer step
-    step      `gradient_accumulation_steps` micro-batches, accelerate's accumulation (`accelerator.accumulate`:
-              no gradient sync but on the last), loss in fp32, optional clipping, NaN/inf steps skipped
-              and counted, optimizer + schedule step
-    observe   tqdm (step, loss, img/s, ETA), trackers (loss, lr, img/s, MFU, data-wait fraction),
+    step      the shared loop (`training/loop.py::TrainingLoop`): `gradient_accumulation_steps` micro-batches
+              under accelerate's accumulation, loss in fp32, optional clipping, NaN/inf steps skipped and
+              counted (`NonFiniteGuard`), optimizer + schedule step; this script supplies the stream's
+              micro-batches and the MAE loss (`PretrainRun`)
+    observe   tqdm (step, loss, lr, img/s), trackers (loss, lr, img/s, MFU, data-wait fraction),
               reconstruction grid PNG every `reconstruction_steps`
-    persist   atomic checkpoints every `checkpointing_steps` (keep the last `checkpoints_total_limit`),
-              exact resume (`--resume_from_checkpoint latest|PATH`), export + model card, `--push_to_hub`
+    persist   atomic checkpoints every `checkpointing_steps` (keep the last `checkpoints_total_limit`) and at
+              the end, exact resume (`--resume_from_checkpoint latest|PATH`: the stream continues where each
+              process stood), export + model card, `--push_to_hub`
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -35,12 +36,17 @@ from pathlib import Path
 from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
-from modeling_mae_cli.choices import MIXED_PRECISION, MIXED_PRECISION_HELP, MODEL_PRESETS, REPORT_TO
+from modeling_mae_cli.choices import MODEL_PRESETS
+from modeling_mae_cli.run_config import RunConfig, script_defaults
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """MAE pretraining (defaults: the official ViT-B/16 ImageNet-1k recipe, He et al. 2021, A.1)."""
+@script_defaults(output_dir="outputs/mae-pretrain", checkpointing_steps=1000, checkpoints_total_limit=3, logging_steps=10)
+class PretrainConfig(RunConfig):
+    """MAE pretraining (defaults: the official ViT-B/16 ImageNet-1k recipe, He et al. 2021, A.1).
+
+    Shared with every training script (`RunConfig`): the step (batch, accumulation, clipping, precision,
+    compile, seed), checkpoints, logging and the Hub."""
 
     # ---- data ------------------------------------------------------------------------------------
     dataset_name: Optional[str] = option("ILSVRC/imagenet-1k", help="Hub dataset (parquet or webdataset layout)")
@@ -68,10 +74,6 @@ class PretrainConfig:
     model_name_or_path: Optional[str] = option(
         None, help="start from any MAE: our directory / Hub id, official .pth, ViTMAE, timm", hub_or_path=True)
     model_config: dict = option({}, help="MAEConfig overrides, e.g. '{drop_path_rate: 0.1}'")
-    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
-    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
-    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
     # MAEConfig settings; unset (none): the checkpoint's for continued pretraining, else MAEConfig's (the paper's)
     mask_ratio: Optional[float] = option(
         None, help="fraction of patches removed, in [0, 1); none: the checkpoint's, else 0.75")
@@ -81,8 +83,6 @@ class PretrainConfig:
     crop_scale: list[float] = option([0.2, 1.0], help="RandomResizedCrop area range min,max")
     hflip: float = option(0.5, help="probability of a horizontal flip")
     # ---- optimization ----------------------------------------------------------------------------
-    per_device_train_batch_size: int = option(64, help="images per process per micro-batch")
-    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
     blr: float = option(1.5e-4, help="base learning rate: lr = blr x effective batch / 256")
     learning_rate: Optional[float] = option(None, help="absolute learning rate; when set, blr is not used")
     min_lr: float = option(0.0, help="learning rate at the end of the cosine schedule")
@@ -96,14 +96,8 @@ class PretrainConfig:
     max_train_steps: Optional[int] = option(None, help="optimizer steps to train; overrides num_train_epochs")
     num_warmup_epochs: float = option(40, help="epochs of linear learning-rate warm-up")
     num_warmup_steps: Optional[int] = option(None, help="warm-up in optimizer steps; overrides num_warmup_epochs")
-    max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
-    mixed_precision: Optional[str] = option(
-        "auto", help=MIXED_PRECISION_HELP,
-        choices=MIXED_PRECISION)
-    torch_compile: bool = option(False, help="torch.compile the model")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass (less memory)")
     max_consecutive_nonfinite: int = option(10, help="stop after this many NaN/inf optimizer steps in a row")
-    seed: int = option(0, help="seed of the initialisation, the masks, the crops and the data order")
     num_threads: Optional[int] = option(None, help="intra-op CPU threads per process (torch.set_num_threads)")
     # ---- is it learning? k-NN evaluation during pretraining (labelled images) -----------------------
     eval_steps: Optional[int] = option(
@@ -121,45 +115,24 @@ class PretrainConfig:
     knn_temperature: float = option(0.07, help="temperature of the votes exp(cosine / T)")
     online_probe: bool = option(False, help="also fit a BatchNorm + Linear probe on the bank's detached features at each evaluation")
     per_device_eval_batch_size: int = option(256, help="images per forward of the evaluation")
-    # ---- checkpoints and output ------------------------------------------------------------------
-    output_dir: str = option("outputs/mae-pretrain", help="where the model, checkpoints and logs go")
-    checkpointing_steps: Optional[int] = option(1000, help="save a checkpoint every N optimizer steps; 0/none: never")
-    checkpoints_total_limit: Optional[int] = option(3, help="keep only the last N checkpoints; none: keep all")
-    resume_from_checkpoint: Optional[str] = option(None, help="'latest' or a checkpoint directory to resume from")
-    overwrite_output_dir: bool = option(False, help="start afresh in an output_dir that holds another run's results")
-    allow_config_change_on_resume: bool = option(
-        False, help="resume even if model / data / seed / effective batch / lr differ from the checkpoint's")
     # ---- what the user sees ----------------------------------------------------------------------
-    with_tracking: bool = option(False, help="log metrics to the trackers of report_to")
-    report_to: str = option("tensorboard", help="trackers for with_tracking", choices=REPORT_TO)
-    logging_steps: int = option(10, help="log loss, lr, img/s every N optimizer steps")
     reconstruction_steps: Optional[int] = option(1000, help="write a reconstruction grid PNG every N steps")
     num_reconstruction_images: int = option(8, help="images in the reconstruction grid")
     peak_tflops: Optional[float] = option(None, help="peak TFLOP/s per device for MFU; known GPUs are looked up")
     log_sample_ids: bool = option(False, help="write the ids of the consumed samples to OUTPUT_DIR/sample_ids/")
-    # ---- Hub -------------------------------------------------------------------------------------
     write_space_files: bool = option(
         False, help="make output_dir a Gradio Space too: app.py, requirements.txt, Space card fields (README)")
-    push_to_hub: bool = option(False, help="upload the output directory to hub_model_id at the end")
-    hub_model_id: Optional[str] = option(None, help="Hub repository to push to (user/name)")
-    hub_private_repo: Optional[bool] = option(None, help="create the Hub repository private")
-    hub_include_checkpoints: bool = option(False, help="upload checkpoints/ too")
-    hub_token: Optional[str] = option(None, help="Hub token; default: HF_TOKEN or the `hf auth login` one")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.train_dir is None and self.dataset_name is None and not self.create_demo_data:
             raise ValueError("set `dataset_name` (a Hub dataset) or `train_dir` (a local folder); both are None")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"`mask_ratio` must be in [0, 1), got {self.mask_ratio}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"`crop_scale` must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id` (user/name), got None")
-        if self.resume_from_checkpoint == "":
-            raise ValueError("`resume_from_checkpoint` must be 'latest' or a path, got ''")
         parse_statistics(self.image_mean, self.image_std)  # raises on malformed values
         if self.image_stats_num_samples < 1:
             raise ValueError(f"`image_stats_num_samples` must be >= 1, got {self.image_stats_num_samples}")
@@ -198,11 +171,9 @@ if __name__ == "__main__":  # --help and usage errors answer before torch, trans
 
 import torch  # noqa: E402
 from accelerate.utils import DistributedType, set_seed  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from modeling_mae import MAEConfig, MAEForPreTraining  # noqa: E402
-from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
 from modeling_mae.training.data import (  # noqa: E402
     ImageStream,
@@ -229,6 +200,7 @@ from modeling_mae.training.knn import load_knn_sets  # noqa: E402
 from modeling_mae.training.pretraining_evaluation import PretrainingMonitor, batch_signals, collapse_warning  # noqa: E402
 from modeling_mae.training.run_history import RunHistory, plot_training_curves  # noqa: E402
 from modeling_mae.training.visualization import reconstructions_over_time  # noqa: E402
+from modeling_mae.training.loop import TrainingLoop, compile_model, restore, start_run, start_trackers  # noqa: E402
 from modeling_mae.training.model_loading import (  # noqa: E402
     adapt_num_channels,  # noqa: E402
     checkpoint_options,
@@ -251,7 +223,7 @@ from modeling_mae.training.pixels import (  # noqa: E402
     probe_pixel_format,
 )
 from modeling_mae.training.runtime import (  # noqa: E402
-    GracefulStop,  # noqa: E402
+    GracefulStop,
     NonFiniteGuard,
     NonFiniteLossError,
     SpeedMeter,
@@ -259,9 +231,7 @@ from modeling_mae.training.runtime import (  # noqa: E402
     flops_per_image,
     make_accelerator,
     peak_flops,
-    quiet_library_loggers,
-    resume_command,  # noqa: E402
-    tracker_hparams,  # noqa: E402
+    resume_command,
 )
 from modeling_mae.training.transforms import (  # noqa: E402
     IMAGENET_DEFAULT_MEAN,
@@ -274,16 +244,6 @@ from modeling_mae.training.transforms import (  # noqa: E402
 logger = logging.getLogger("pretrain")
 
 DEMO_DATA_DIR = "outputs/demo_data"  # create_demo_data: scikit-image crops, written here once
-
-
-@dataclass
-class TrainState:
-    """Counters saved in every checkpoint (trainer_state.json)."""
-
-    step: int = 0
-    epoch: int = 0
-    samples_seen: int = 0
-    last_loss: float = float("nan")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,16 +280,21 @@ def build_model(cfg: PretrainConfig, num_channels: int = 3) -> MAEForPreTraining
     return model
 
 
-def probe_data(cfg: PretrainConfig):
-    """The data's pixel format (channels, dtype, range) from its first images, and the raw (unsplit) source."""
-    source = load_source(
+def train_source(cfg: PretrainConfig):
+    """The training split, not yet split between processes (a Hub dataset or the local folder)."""
+    return load_source(
         dataset_name=None if cfg.train_dir else cfg.dataset_name,
         dataset_config_name=cfg.dataset_config_name,
         train_dir=cfg.train_dir,
         split=cfg.train_split,
         token=cfg.hub_token,
-        seed=cfg.seed,
+        seed=cfg.seed,  # a local folder's file order: drawn from (seed, epoch), the same on every process
     )
+
+
+def probe_data(cfg: PretrainConfig):
+    """The data's pixel format (channels, dtype, range) from its first images, and the raw (unsplit) source."""
+    source = train_source(cfg)
     cells, names = first_image_cells(source, PROBE_IMAGES, cfg.image_column)
     return probe_pixel_format(cells, cfg.pixel_range, names, cfg.num_channels), source
 
@@ -355,15 +320,7 @@ def image_statistics(cfg: PretrainConfig, fmt: PixelFormat, source, show_progres
 
 
 def build_stream(cfg: PretrainConfig, accelerator, image_size, pixel_format: Optional[PixelFormat] = None) -> ImageStream:
-    source = load_source(
-        dataset_name=None if cfg.train_dir else cfg.dataset_name,
-        dataset_config_name=cfg.dataset_config_name,
-        train_dir=cfg.train_dir,
-        split=cfg.train_split,
-        token=cfg.hub_token,
-        seed=cfg.seed,  # a local folder's file order: drawn from (seed, epoch), the same on every process
-    )
-    source = split_for_process(source, accelerator.process_index, accelerator.num_processes, cfg.dataloader_num_workers)
+    source = split_for_process(train_source(cfg), accelerator.process_index, accelerator.num_processes, cfg.dataloader_num_workers)
     if pixel_format is None or pixel_format.is_rgb8:  # photographs: the uint8 fast path
         transform = TrainTransform(image_size, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
     else:
@@ -476,46 +433,16 @@ def next_micro_batches(batches, count: int, tracker: StreamTracker, accelerator)
         if batch.get("placeholder"):
             continue
         taken.append(batch)
-    have = torch.tensor([1.0 if len(taken) == count else 0.0], device=accelerator.device)
-    if accelerator.gather(have).min().item() < 1.0:
-        return None
+    if accelerator.num_processes == 1:  # no collective, no wait on the device
+        if len(taken) < count:
+            return None
+    else:
+        have = torch.tensor([1.0 if len(taken) == count else 0.0], device=accelerator.device)
+        if accelerator.gather(have).min().item() < 1.0:
+            return None
     for batch in taken:
         tracker.update(batch)
     return taken
-
-
-def train_step(model, micro_batches, optimizer, scheduler, accelerator, cfg, guard: NonFiniteGuard, step: int,
-               stats=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)):
-    """One optimizer step over the micro-batches (`accelerator.gradient_accumulation_steps` of them: the
-    last one's `accumulate` syncs the gradients). Returns (mean loss, whether the step was applied, the last
-    micro-batch's (normalised pixels, mask, loss) for the learning signals at logging steps).
-    `stats`: the per-channel (mean, std) the pixels are normalised with."""
-    model.train()
-    losses = []
-    for batch in micro_batches:
-        pixel_values = normalize_on_device(batch["pixel_values"].to(accelerator.device, non_blocking=True), *stats)
-        with accelerator.accumulate(model):  # no gradient sync but on the last micro-batch
-            # the loss needs predictions for the removed patches only: skip the decoder work for the rest
-            out = model(pixel_values=pixel_values, predict_masked_only=True)
-            loss = out.loss  # fp32 (forward_loss upcasts)
-            accelerator.backward(loss)  # divided by gradient_accumulation_steps: the step's mean gradient
-        losses.append(loss.detach().float())
-    last = (pixel_values, out.mask.detach(), losses[-1])
-    loss = torch.stack(losses).mean()
-    finite = torch.isfinite(loss)
-    if cfg.max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
-    # every process takes the same decision
-    all_finite = accelerator.gather(finite.float().reshape(1)).min().item() > 0
-    if guard.check(all_finite, step):
-        optimizer.zero_grad(set_to_none=True)
-        return loss, False, last
-    optimizer.step()
-    if not accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf: keep the schedule
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, True, last
 
 
 @torch.no_grad()
@@ -573,6 +500,179 @@ class SampleLog:
                 f.writelines(f"{step}\t{sid}\n" for sid in batch["sample_ids"])
 
 
+class PretrainRun:
+    """What pretraining keeps around the shared loop (`TrainingLoop`): the trainer state, the exact
+    position of every process's stream (`StreamTracker`), the NaN/inf guard, the speed meter, the
+    sample-id log and the reconstruction preview, and the hooks the loop calls.
+
+    `state` (trainer_state.json): step, epoch, samples seen, last logged loss."""
+
+    def __init__(self, accelerator, cfg: PretrainConfig, checkpoints, model, scheduler, stream, loader, stats,
+                 model_config, config_yaml: str):
+        self.accelerator, self.cfg, self.checkpoints = accelerator, cfg, checkpoints
+        self.model, self.scheduler, self.stream, self.loader, self.stats = model, scheduler, stream, loader, stats
+        self.config_yaml = config_yaml
+        self.state = {"step": 0, "epoch": 0, "samples_seen": 0, "last_loss": float("nan")}
+        self.guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
+        self.tracker = StreamTracker(num_workers=cfg.dataloader_num_workers)
+        self.corrupt_images = 0  # this process's count
+        self.stream_state = None  # the resumed position of this process's stream
+        self.sample_log = SampleLog(cfg.output_dir, accelerator.process_index, cfg.log_sample_ids)
+        peak = peak_flops(accelerator.device, cfg.peak_tflops, autocast_dtype(accelerator.mixed_precision))
+        self.meter = SpeedMeter(flops_per_image(model_config, model_config.mask_ratio),
+                                peak * accelerator.num_processes if peak else None)
+        self.preview = None  # the first images, for the reconstruction pictures
+        self.last_micro = None  # the latest micro-batch's (normalised pixels, mask, loss): the learning signals
+        self.monitor, self.history = None, RunHistory(cfg.output_dir, enabled=accelerator.is_main_process)
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP  # a forward is a collective there
+        # test hook, kept out of --help: MAE_CRASH_AT_STEP=N kills the process (SIGKILL) right after optimizer
+        # step N, so that the tests can resume from what a crash leaves behind
+        self.crash_at = int(os.environ.get("MAE_CRASH_AT_STEP", "-1"))
+
+    # ---- persist ---------------------------------------------------------------------------------
+    def restore(self, resume_path: Optional[Path], total_steps: int) -> None:
+        process_state = restore(self.accelerator, self.checkpoints, resume_path, self.state)
+        if resume_path is not None:
+            self.guard.load_state_dict(self.state.get("nonfinite", {}))
+            self.corrupt_images = int(process_state.get("corrupt_images", 0))
+            self.stream_state = process_state.get("stream")
+            if self.state["step"] >= total_steps:
+                logger.info("the run is already finished (step %d of %d): nothing to train, exporting again",
+                            self.state["step"], total_steps)
+        elif self.cfg.resume_from_checkpoint:
+            logger.info("no checkpoint in %s yet: starting from scratch", self.checkpoints.root)
+        self.sample_log.truncate_after(self.state["step"])
+
+    def tell_the_story(self, monitor: Optional[PretrainingMonitor], resume_path: Optional[Path]) -> None:
+        """The k-NN evaluation (None: off) and history.jsonl: a resumed run keeps its story up to its
+        checkpoint, a fresh run starts a fresh one."""
+        self.monitor = monitor
+        self.history.truncate(self.state["step"] if resume_path is not None else -1)
+
+    def save(self) -> Path:
+        trainer_state = {**self.state, "nonfinite": self.guard.state_dict(), "lr": self.scheduler.get_last_lr()[0]}
+        process_state = {
+            "stream": self.tracker.state_dict(),
+            "corrupt_images": self.corrupt_images,
+            "param_checksum": param_checksum(self.model),  # equal on every process unless replicas diverged
+        }
+        path = self.checkpoints.save(self.accelerator, self.state["step"], trainer_state, process_state,
+                                     self.config_yaml)
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    # ---- the loop's hooks ------------------------------------------------------------------------
+    def micro_batches(self, epoch: int, skip: int):
+        """This epoch's stream from where it stands (a resumed one continues at its saved position, so
+        nothing is skipped here), `gradient_accumulation_steps` batches at a time, until any process's
+        stream runs out."""
+        state, stream, tracker = self.state, self.stream, self.tracker
+        stream.set_epoch(state["epoch"])
+        resumed_mid_epoch = self.stream_state is not None and int(self.stream_state["epoch"]) == state["epoch"]
+        if resumed_mid_epoch:
+            stream.resume(self.stream_state)
+            tracker.load_state_dict(self.stream_state)
+        else:
+            stream.resume(None)
+            tracker.start_epoch(state["epoch"])
+        self.stream_state = None
+        batches, steps = iter(self.loader), 0
+        while True:
+            wait_start = time.perf_counter()
+            micro = next_micro_batches(batches, self.cfg.gradient_accumulation_steps, tracker, self.accelerator)
+            data_wait = time.perf_counter() - wait_start
+            if micro is None:
+                break  # end of this epoch's stream (on some process)
+            steps += 1
+            if self.preview is None:
+                self.preview = micro[0]["pixel_values"][: self.cfg.num_reconstruction_images].clone()
+            self.corrupt_images += sum(int(b["num_skipped"]) for b in micro)
+            images = sum(len(b["pixel_values"]) for b in micro) * self.accelerator.num_processes
+            state["samples_seen"] += images
+            self.sample_log.write(state["step"] + 1, micro)
+            self.meter.add(images, data_wait)
+            yield from micro
+        if steps == 0 and not resumed_mid_epoch:
+            raise ValueError(
+                "the data stream yields no full batch on some process: check `train_dir` / `dataset_name`, "
+                "`per_device_train_batch_size` and the number of shards per process"
+            )
+
+    def loss_of(self, batch: dict) -> torch.Tensor:
+        """uint8 (or dataset-scaled) images -> normalised on the device -> the MAE loss (fp32)."""
+        self.model.train()
+        pixel_values = batch["pixel_values"].to(self.accelerator.device, non_blocking=True)
+        pixel_values = normalize_on_device(pixel_values, *self.stats[:2])
+        # the loss needs predictions for the removed patches only: skip the decoder work for the rest
+        out = self.model(pixel_values=pixel_values, predict_masked_only=True)
+        self.last_micro = (pixel_values, out.mask.detach(), out.loss.detach())  # for the signals of a logging step
+        return out.loss  # fp32 (forward_loss upcasts)
+
+    def evaluate(self, step: int) -> None:
+        """k-NN (and probe) of the unmasked encoder now: logged, tracked, kept in the history. Every process
+        takes part (its share of the sets; FSDP gathers the shards); the training RNG is not touched."""
+        start = time.perf_counter()
+        results = self.monitor.evaluate(self.accelerator.unwrap_model(self.model).mae)
+        results["eval/seconds"] = time.perf_counter() - start
+        self.history.append(step, results)
+        if self.cfg.with_tracking:
+            self.accelerator.log(results, step=step)
+        top5 = f", top-5 {results['knn/cls_top5']:.2f} %" if "knn/cls_top5" in results else ""
+        probe = f"; online probe {results['probe/top1']:.2f} %" if "probe/top1" in results else ""
+        logger.info("step %d: k-NN top-1 %.2f %% (CLS%s), %.2f %% (mean-pooled)%s [%.1f s]", step,
+                    results["knn/cls_top1"], top5, results["knn/mean_top1"], probe, results["eval/seconds"])
+
+    def end_of_epoch(self, epoch: int) -> None:
+        self.state["epoch"] += 1
+
+    def on_log(self, step: int, logs: dict) -> None:
+        self.state["last_loss"] = logs["train/loss"]
+        speed = self.meter.read()
+        self.meter.reset()
+        logs.update({
+            "train/images_per_s": speed["images_per_s"],
+            "train/data_wait_fraction": speed["data_wait_fraction"],
+            "train/epoch": self.state["epoch"],
+            "train/skipped_nonfinite_steps": self.guard.skipped,
+            "data/corrupt_images_skipped": self.corrupt_images_total(),
+        })
+        if "mfu" in speed:
+            logs["train/mfu"] = speed["mfu"]
+        # no labels needed: the loss against the blind guess on the same patches, feature collapse
+        signals = batch_signals(self.accelerator.unwrap_model(self.model), *self.last_micro)
+        logs.update(signals)
+        warning = collapse_warning(signals)
+        if warning and self.accelerator.is_main_process:
+            logger.warning("step %d: %s", step, warning)
+        self.history.append(step, logs)
+        if self.accelerator.is_main_process and not sys.stderr.isatty():
+            logger.info("step %d: %s", step, json.dumps({k: round(v, 6) for k, v in logs.items()}))
+
+    def on_step_end(self, step: int) -> None:
+        """The reconstruction picture every `reconstruction_steps`; the crash test hook."""
+        cfg, is_main = self.cfg, self.accelerator.is_main_process
+        if cfg.reconstruction_steps and step % cfg.reconstruction_steps == 0 and (is_main or self.sharded):
+            png = Path(cfg.output_dir) / "reconstructions" / f"step_{step}.png"
+            write_reconstruction(self.model, self.preview, png, cfg.seed, self.stats[:2], save=is_main)
+            if is_main:
+                log_pictures(self.accelerator, cfg, step, {"reconstruction": png})
+        if step == self.crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook (see __init__)
+
+    def corrupt_images_total(self) -> int:
+        """Undecodable images skipped by all processes (a collective)."""
+        return int(self.accelerator.reduce(torch.tensor(self.corrupt_images, device=self.accelerator.device), "sum"))
+
+
+def learning_rate(cfg: PretrainConfig, effective_batch: int) -> float:
+    if cfg.learning_rate is not None:
+        logger.info("learning rate %.3g set explicitly (blr %.3g not used)", cfg.learning_rate, cfg.blr)
+        return cfg.learning_rate
+    lr = scaled_lr(cfg.blr, effective_batch)
+    logger.info("learning rate %.4g = blr %.3g x effective batch %d / 256", lr, cfg.blr, effective_batch)
+    return lr
+
+
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
@@ -582,22 +682,11 @@ def main(argv=None) -> int:
     cfg, demo_dirs = demo_data_dirs(cfg, {"train_dir": DEMO_DATA_DIR})
     if cfg.push_to_hub:  # the login and the repository now, not after training
         check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    quiet_library_loggers()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to,
-                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    accelerator, checkpoints, resume_path = start_run(cfg, make_accelerator)
     is_main = accelerator.is_main_process
-    sharded = accelerator.distributed_type == DistributedType.FSDP  # a forward is a collective there
-    if not is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    # before anything is written: refuse another run's output directory, check a resumed config
-    manager = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
-    resume_path = manager.begin(accelerator, cfg)
     config_yaml = to_yaml(cfg)  # secrets masked
     if is_main:
-        print(f"# resolved config\n{config_yaml}", flush=True)
         (Path(cfg.output_dir) / "config.yaml").write_text(config_yaml)
-
     if demo_dirs:
         has_queries = lambda folder: any(folder.glob("validation-*.parquet"))  # noqa: E731  (older demo data had none)
         if is_main and ensure_demo_data(cfg.train_dir, write_demo_dataset, complete=has_queries):
@@ -606,7 +695,7 @@ def main(argv=None) -> int:
     if cfg.train_dir is not None:
         detect_local_format(cfg.train_dir, split=cfg.train_split)  # a missing, empty or image-less folder fails now, not after the model
 
-    # ---- model, data, optimizer ------------------------------------------------------------------
+    # ---- data format, model, stream ----------------------------------------------------------------
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     pixel_format, raw_source = probe_data(cfg)
@@ -617,23 +706,18 @@ def main(argv=None) -> int:
     if cfg.gradient_checkpointing:  # transformers >= 5 names it activation checkpointing
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    model.to(accelerator.device)
+    model.to(accelerator.device)  # before the optimizer: AdamW is fused on GPUs
     model_config = model.config
-
     stream = build_stream(cfg, accelerator, model_config.image_hw, pixel_format)
     monitor = build_monitor(cfg, accelerator, model_config.image_hw, pixel_format, stats)
     loader = make_dataloader(stream, cfg.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     num_examples = cfg.num_train_examples or count_examples(cfg.train_dir or stream.source, cfg.train_split)
 
+    # ---- AdamW (the official groups: tokens decayed), lr = blr x batch / 256, warm-up + cosine -------
     eff_batch = effective_batch_size(
         cfg.per_device_train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps
     )
-    if cfg.learning_rate is not None:
-        lr = cfg.learning_rate
-        logger.info("learning rate %.3g set explicitly (blr %.3g not used)", lr, cfg.blr)
-    else:
-        lr = scaled_lr(cfg.blr, eff_batch)
-        logger.info("learning rate %.4g = blr %.3g x effective batch %d / 256", lr, cfg.blr, eff_batch)
+    lr = learning_rate(cfg, eff_batch)
     total_steps, warmup_steps = schedule_lengths(cfg, eff_batch, num_examples)
     logger.info(
         "effective batch %d = %d per device x %d processes x %d accumulation; %d optimizer steps (%d warm-up); "
@@ -641,202 +725,55 @@ def main(argv=None) -> int:
         eff_batch, cfg.per_device_train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps,
         total_steps, warmup_steps, num_examples if num_examples else "unknown number of",
     )
-
-    groups = pretraining_param_groups(model, cfg.weight_decay)  # the official groups: tokens decayed
+    groups = pretraining_param_groups(model, cfg.weight_decay)
     optimizer = create_optimizer(groups, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
     scheduler = create_scheduler(optimizer, warmup_steps, total_steps, cfg.min_lr)
-    if cfg.torch_compile:
-        model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
+    compile_model(model, cfg.torch_compile)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    # ---- resume ----------------------------------------------------------------------------------
+    # ---- resume, train -------------------------------------------------------------------------------
     set_seed(cfg.seed, device_specific=True)  # different masks on every process
-    state = TrainState()
-    guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
-    tracker = StreamTracker(num_workers=cfg.dataloader_num_workers)
-    corrupt_images = 0  # this process's count
-    stream_state = None
-    sample_log = SampleLog(cfg.output_dir, accelerator.process_index, cfg.log_sample_ids)
-    if resume_path is not None:
-        trainer_state, process_state = manager.load(accelerator, resume_path)
-        accelerator.step = 0  # checkpoints end an optimizer step: count micro-batches afresh (the accumulation may differ)
-        state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "samples_seen", "last_loss")})
-        guard.load_state_dict(trainer_state.get("nonfinite", {}))
-        corrupt_images = int(process_state.get("corrupt_images", 0))
-        stream_state = process_state.get("stream")
-        logger.info("resumed from %s at step %d (epoch %d)", resume_path, state.step, state.epoch)
-        if state.step >= total_steps:
-            logger.info("the run is already finished (step %d of %d): nothing to train, exporting again", state.step,
-                        total_steps)
-    elif cfg.resume_from_checkpoint:
-        logger.info("no checkpoint in %s yet: starting from scratch", manager.root)
-    sample_log.truncate_after(state.step)
-    start_step = state.step
-    history = RunHistory(cfg.output_dir, enabled=is_main)  # the run's story: training_curves.png, the card
-    history.truncate(state.step if resume_path is not None else -1)  # a fresh run starts a fresh story
-
-    def save_checkpoint() -> Path:
-        trainer_state = {**dataclasses.asdict(state), "nonfinite": guard.state_dict(), "lr": scheduler.get_last_lr()[0]}
-        process_state = {
-            "stream": tracker.state_dict(),
-            "corrupt_images": corrupt_images,
-            "param_checksum": param_checksum(model),  # equal on every process unless replicas diverged
-        }
-        path = manager.save(accelerator, state.step, trainer_state, process_state, config_yaml)
-        logger.info("saved checkpoint %s", path)
-        return path
-
-    if cfg.with_tracking:
-        accelerator.init_trackers("mae_pretrain", config=tracker_hparams(cfg, lr=lr, effective_batch=eff_batch))
-
-    # ---- train -----------------------------------------------------------------------------------
-    peak = peak_flops(accelerator.device, cfg.peak_tflops, autocast_dtype(accelerator.mixed_precision))
-    meter = SpeedMeter(flops_per_image(model_config, model_config.mask_ratio), peak * accelerator.num_processes if peak else None)
-    progress = tqdm(total=total_steps, initial=state.step, disable=not is_main, desc="pretrain", dynamic_ncols=True)
-    preview = None
-    window_losses = []
-    # test hook, kept out of --help: MAE_CRASH_AT_STEP=N kills the process (SIGKILL) right after optimizer
-    # step N, so that the tests can resume from what a crash leaves behind
-    crash_at = int(os.environ.get("MAE_CRASH_AT_STEP", "-1"))
-    exit_code = 0
-
-    def evaluate(step: int) -> None:
-        """k-NN (and probe) of the unmasked encoder now: logged, tracked, kept in the history. Every process
-        takes part (its share of the sets; FSDP gathers the shards); the training RNG is not touched."""
-        start = time.perf_counter()
-        results = monitor.evaluate(accelerator.unwrap_model(model).mae)
-        results["eval/seconds"] = time.perf_counter() - start
-        history.append(step, results)
-        if cfg.with_tracking:
-            accelerator.log(results, step=step)
-        top5 = f", top-5 {results['knn/cls_top5']:.2f} %" if "knn/cls_top5" in results else ""
-        probe = f"; online probe {results['probe/top1']:.2f} %" if "probe/top1" in results else ""
-        logger.info("step %d: k-NN top-1 %.2f %% (CLS%s), %.2f %% (mean-pooled)%s [%.1f s]", step,
-                    results["knn/cls_top1"], top5, results["knn/mean_top1"], probe, results["eval/seconds"])
-        progress.set_postfix_str(f"knn={results['knn/cls_top1']:.1f}%", refresh=False)
-
-    stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
-    last_saved_step = None
-    scope = contextlib.ExitStack()
-    scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
-    scope.enter_context(logging_redirect_tqdm())  # log lines go above the progress bar, not glued onto it
+    run = PretrainRun(accelerator, cfg, checkpoints, model, scheduler, stream, loader, stats, model_config, config_yaml)
+    run.restore(resume_path, total_steps)
+    run.tell_the_story(monitor, resume_path)
+    start_trackers(accelerator, cfg, "mae_pretrain", lr=lr, effective_batch=eff_batch)
+    loop = TrainingLoop(
+        accelerator, model, optimizer, scheduler, cfg, state=run.state, steps_per_epoch=None, max_steps=total_steps,
+        micro_batches=run.micro_batches, loss_of=run.loss_of, save=run.save, checkpoints=checkpoints,
+        end_of_epoch=run.end_of_epoch, on_log=run.on_log, on_step_end=run.on_step_end, guard=run.guard,
+        eval_steps=cfg.eval_steps, evaluate=run.evaluate if monitor is not None else None,
+        checkpoint_at_end=True, stop=GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes)),
+        redirect_logs=logging_redirect_tqdm,
+    )
     try:
-        if monitor is not None and state.step == 0 and not history.series("knn/cls_top1")[0]:
-            evaluate(0)  # the starting point: random init, or the published checkpoint being continued
-        while state.step < total_steps:
-            stream.set_epoch(state.epoch)
-            resumed_mid_epoch = stream_state is not None and int(stream_state["epoch"]) == state.epoch
-            if resumed_mid_epoch:
-                stream.resume(stream_state)
-                tracker.load_state_dict(stream_state)
-            else:
-                stream.resume(None)
-                tracker.start_epoch(state.epoch)
-            stream_state = None
-            batches = iter(loader)
-            steps_this_epoch, exhausted = 0, False
-            while state.step < total_steps and not exhausted:
-                wait_start = time.perf_counter()
-                micro = next_micro_batches(batches, cfg.gradient_accumulation_steps, tracker, accelerator)
-                data_wait = time.perf_counter() - wait_start
-                if micro is None:
-                    exhausted = True  # end of this epoch's stream (on some process)
-                    continue
-                steps_this_epoch += 1
-                if preview is None:
-                    preview = micro[0]["pixel_values"][: cfg.num_reconstruction_images].clone()
-                corrupt_images += sum(int(b["num_skipped"]) for b in micro)
-                loss, applied, last_micro = train_step(model, micro, optimizer, scheduler, accelerator, cfg, guard,
-                                                       state.step + 1, stats[:2])
-                state.step += 1
-                images = sum(len(b["pixel_values"]) for b in micro)
-                state.samples_seen += images * accelerator.num_processes
-                sample_log.write(state.step, micro)
-                meter.add(images * accelerator.num_processes, data_wait)
-                window_losses.append(loss)
-                progress.update(1)
-
-                if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-                    mean_loss = accelerator.reduce(torch.stack(window_losses).mean(), "mean").item()
-                    state.last_loss = mean_loss
-                    window_losses = []
-                    speed = meter.read()
-                    meter.reset()
-                    corrupt_total = int(accelerator.reduce(torch.tensor(corrupt_images, device=accelerator.device), "sum"))
-                    metrics = {
-                        "train/loss": mean_loss,
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/images_per_s": speed["images_per_s"],
-                        "train/data_wait_fraction": speed["data_wait_fraction"],
-                        "train/epoch": state.epoch,
-                        "train/skipped_nonfinite_steps": guard.skipped,
-                        "data/corrupt_images_skipped": corrupt_total,
-                    }
-                    if "mfu" in speed:
-                        metrics["train/mfu"] = speed["mfu"]
-                    # no labels needed: the loss against the blind guess on the same patches, feature collapse
-                    signals = batch_signals(accelerator.unwrap_model(model), *last_micro)
-                    metrics.update(signals)
-                    warning = collapse_warning(signals)
-                    if warning and is_main:
-                        logger.warning("step %d: %s", state.step, warning)
-                    history.append(state.step, metrics)
-                    progress.set_postfix(
-                        loss=f"{mean_loss:.4f}", vs_trivial=f"{100 * signals['train/loss_vs_trivial']:.0f}%",
-                        lr=f"{metrics['train/lr']:.2e}", img_s=f"{speed['images_per_s']:.0f}", epoch=state.epoch,
-                    )
-                    if cfg.with_tracking:
-                        accelerator.log(metrics, step=state.step)
-                    if is_main and not progress.disable and not sys.stderr.isatty():
-                        logger.info("step %d: %s", state.step, json.dumps({k: round(v, 6) for k, v in metrics.items()}))
-
-                if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0:
-                    if guard.consecutive:  # inside a NaN/inf streak: keep the last good checkpoint
-                        logger.warning("step %d: not checkpointing during a streak of non-finite steps", state.step)
-                    else:
-                        save_checkpoint()
-                        last_saved_step = state.step
-                if monitor is not None and (state.step % cfg.eval_steps == 0 or state.step == total_steps):
-                    evaluate(state.step)
-                if cfg.reconstruction_steps and state.step % cfg.reconstruction_steps == 0 and (is_main or sharded):
-                    png = Path(cfg.output_dir) / "reconstructions" / f"step_{state.step}.png"
-                    write_reconstruction(model, preview, png, cfg.seed, stats[:2], save=is_main)
-                    if is_main:
-                        log_pictures(accelerator, cfg, state.step, {"reconstruction": png})
-                if state.step == crash_at:
-                    os.kill(os.getpid(), signal.SIGKILL)  # test hook (see the module docstring)
-                if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
-                    path = manager.latest() if last_saved_step == state.step else save_checkpoint()
-                    progress.close()
-                    stop.exit(state.step, path)
-            if exhausted:
-                if steps_this_epoch == 0 and not resumed_mid_epoch:
-                    raise ValueError(
-                        "the data stream yields no full batch on some process: check `train_dir` / `dataset_name`, "
-                        "`per_device_train_batch_size` and the number of shards per process"
-                    )
-                state.epoch += 1
+        if monitor is not None and run.state["step"] == 0 and not run.history.series("knn/cls_top1")[0]:
+            run.evaluate(0)  # the starting point: random init, or the published checkpoint being continued
+        loop.run(start_epoch=run.state["epoch"])
     except NonFiniteLossError as err:
         logger.error("%s", err)
-        progress.close()
         accelerator.end_training()
         return 2
-    finally:
-        scope.close()
-    progress.close()
+    exit_code = export_run(accelerator, model, cfg, run, resume_path, pixel_format, stats, num_examples,
+                           eff_batch, lr)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return exit_code
 
-    # ---- final checkpoint, export, model card, Hub -----------------------------------------------
-    if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps != 0 and state.step != start_step:
-        save_checkpoint()  # (a resumed run that took no step has its checkpoint already)
-    corrupt_total = int(accelerator.reduce(torch.tensor(corrupt_images, device=accelerator.device), "sum"))
+
+def export_run(accelerator, model, cfg: PretrainConfig, run: PretrainRun, resume_path, pixel_format, stats,
+               num_examples, eff_batch: int, lr: float) -> int:
+    """The model (weights, config, code, image processor), its reconstruction picture and card, the Hub push.
+    Returns the exit code (1 when the push failed)."""
+    state, is_main, model_config = run.state, accelerator.is_main_process, accelerator.unwrap_model(model).config
+    corrupt_total = run.corrupt_images_total()
     full_state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards (collective: every process)
     accelerator.wait_for_everyone()
     output_dir = Path(cfg.output_dir)
     recon = None
-    if preview is not None and (is_main or sharded):
+    if run.preview is not None and (is_main or run.sharded):
         recon = write_reconstruction(
-            accelerator.unwrap_model(model), preview, output_dir / "reconstruction.png", cfg.seed, stats[:2],
+            accelerator.unwrap_model(model), run.preview, output_dir / "reconstruction.png", cfg.seed, stats[:2],
             save=is_main,
         )
     elif (
@@ -845,72 +782,70 @@ def main(argv=None) -> int:
         and (output_dir / "reconstruction.png").exists()
     ):  # this finished run, exported again: its own picture stands
         recon = output_dir / "reconstruction.png"
-    curves = over_time = None
-    if is_main:
-        curves = plot_training_curves(history, output_dir / "training_curves.png")
-        grids = [(int(p.stem.removeprefix("step_")), p) for p in (output_dir / "reconstructions").glob("step_*.png")
-                 if p.stem.removeprefix("step_").isdigit() and int(p.stem.removeprefix("step_")) <= state.step]
-        over_time = reconstructions_over_time(grids, model_config.image_hw, output_dir / "reconstructions_over_time.png")
-        log_pictures(accelerator, cfg, state.step, {"training_curves": curves, "reconstructions_over_time": over_time})
-    if is_main:
-        unwrapped = accelerator.unwrap_model(model)
-        export_model(unwrapped, output_dir, state_dict=full_state_dict,
-                     image_processor=pixel_format_image_processor(unwrapped, pixel_format, *stats[:2]))
-        write_model_card(
-            output_dir,
-            card_data={
-                "license": "apache-2.0",
-                "library_name": "transformers",
-                "pipeline_tag": "image-feature-extraction",
-                "tags": ["mae", "masked-autoencoder", "vision", "self-supervised", "modeling_mae"],
-                "datasets": [cfg.dataset_name] if not cfg.train_dir and cfg.dataset_name else None,
-                "model_name": cfg.hub_model_id or output_dir.name,
-            },
-            model_name=cfg.hub_model_id or output_dir.name,
-            repo_id=cfg.hub_model_id or str(output_dir),
-            dataset_name=cfg.dataset_name if not cfg.train_dir else f"local data ({cfg.train_dir})",
-            reconstruction_png=recon.name if recon else None,
-            mask_ratio=model_config.mask_ratio,
-            architecture=f"{cfg.model_preset if not cfg.model_name_or_path else cfg.model_name_or_path}: "
-            f"{model_config.hidden_size}-d x {model_config.num_hidden_layers} encoder, "
-            f"{model_config.decoder_hidden_size}-d x {model_config.decoder_num_hidden_layers} decoder, "
-            f"{model_config.image_hw[0]}px, patch {model_config.patch_size}",
-            steps=state.step,
-            samples_seen=state.samples_seen,
-            epochs=f"{state.samples_seen / num_examples:.2f}" if num_examples else "unknown",
-            final_loss=f"{state.last_loss:.4f}",
-            effective_batch=eff_batch,
-            per_device_batch=cfg.per_device_train_batch_size,
-            num_processes=accelerator.num_processes,
-            accumulation=cfg.gradient_accumulation_steps,
-            lr=f"{lr:.4g} (blr {cfg.blr:g} x {eff_batch} / 256)" if cfg.learning_rate is None else f"{lr:.4g} (set explicitly)",
-            skipped_steps=guard.skipped,
-            corrupt_images=corrupt_total,
-            pixels=f"{pixel_format.describe()}; mean {stats[0]}, std {stats[1]} ({stats[2]})",
-            curves_png=curves.name if curves else None,
-            over_time_png=over_time.name if over_time else None,
-            knn_protocol=(f"bank {monitor.bank.total} images, {monitor.queries.total} queries, k {cfg.knn_k}, "
-                          f"T {cfg.knn_temperature}") if monitor is not None else None,
-            **knn_card_values(history),
-            # the recipe with the model's own values for the settings left to the checkpoint / preset
-            config_yaml=to_yaml(dataclasses.replace(
-                cfg, mask_ratio=model_config.mask_ratio, norm_pix_loss=model_config.norm_pix_loss)),
-        )
-        if cfg.write_space_files:
-            write_space_files(output_dir, examples=preview, title=cfg.hub_model_id or output_dir.name)
-        logger.info("exported the model, image processor and model card to %s", output_dir)
-        if cfg.push_to_hub:
-            try:
-                url = push_to_hub(
-                    output_dir, cfg.hub_model_id, cfg.hub_include_checkpoints, cfg.hub_private_repo, cfg.hub_token
-                )
-                logger.info("pushed to %s", url)
-            except HubPushError as err:
-                logger.error("%s", err)
-                exit_code = 1
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return exit_code
+    if not is_main:
+        return 0
+    curves = plot_training_curves(run.history, output_dir / "training_curves.png")
+    grids = [(int(p.stem.removeprefix("step_")), p) for p in (output_dir / "reconstructions").glob("step_*.png")
+             if p.stem.removeprefix("step_").isdigit() and int(p.stem.removeprefix("step_")) <= state["step"]]
+    over_time = reconstructions_over_time(grids, model_config.image_hw, output_dir / "reconstructions_over_time.png")
+    log_pictures(accelerator, cfg, state["step"], {"training_curves": curves, "reconstructions_over_time": over_time})
+    monitor = run.monitor
+    unwrapped = accelerator.unwrap_model(model)
+    export_model(unwrapped, output_dir, state_dict=full_state_dict,
+                 image_processor=pixel_format_image_processor(unwrapped, pixel_format, *stats[:2]))
+    write_model_card(
+        output_dir,
+        card_data={
+            "license": "apache-2.0",
+            "library_name": "transformers",
+            "pipeline_tag": "image-feature-extraction",
+            "tags": ["mae", "masked-autoencoder", "vision", "self-supervised", "modeling_mae"],
+            "datasets": [cfg.dataset_name] if not cfg.train_dir and cfg.dataset_name else None,
+            "model_name": cfg.hub_model_id or output_dir.name,
+        },
+        model_name=cfg.hub_model_id or output_dir.name,
+        repo_id=cfg.hub_model_id or str(output_dir),
+        dataset_name=cfg.dataset_name if not cfg.train_dir else f"local data ({cfg.train_dir})",
+        reconstruction_png=recon.name if recon else None,
+        mask_ratio=model_config.mask_ratio,
+        architecture=f"{cfg.model_preset if not cfg.model_name_or_path else cfg.model_name_or_path}: "
+        f"{model_config.hidden_size}-d x {model_config.num_hidden_layers} encoder, "
+        f"{model_config.decoder_hidden_size}-d x {model_config.decoder_num_hidden_layers} decoder, "
+        f"{model_config.image_hw[0]}px, patch {model_config.patch_size}",
+        steps=state["step"],
+        samples_seen=state["samples_seen"],
+        epochs=f"{state['samples_seen'] / num_examples:.2f}" if num_examples else "unknown",
+        final_loss=f"{state['last_loss']:.4f}",
+        effective_batch=eff_batch,
+        per_device_batch=cfg.per_device_train_batch_size,
+        num_processes=accelerator.num_processes,
+        accumulation=cfg.gradient_accumulation_steps,
+        lr=f"{lr:.4g} (blr {cfg.blr:g} x {eff_batch} / 256)" if cfg.learning_rate is None else f"{lr:.4g} (set explicitly)",
+        skipped_steps=run.guard.skipped,
+        corrupt_images=corrupt_total,
+        pixels=f"{pixel_format.describe()}; mean {stats[0]}, std {stats[1]} ({stats[2]})",
+        curves_png=curves.name if curves else None,
+        over_time_png=over_time.name if over_time else None,
+        knn_protocol=(f"bank {monitor.bank.total} images, {monitor.queries.total} queries, k {cfg.knn_k}, "
+                      f"T {cfg.knn_temperature}") if monitor is not None else None,
+        **knn_card_values(run.history),
+        # the recipe with the model's own values for the settings left to the checkpoint / preset
+        config_yaml=to_yaml(dataclasses.replace(
+            cfg, mask_ratio=model_config.mask_ratio, norm_pix_loss=model_config.norm_pix_loss)),
+    )
+    if cfg.write_space_files:
+        write_space_files(output_dir, examples=run.preview, title=cfg.hub_model_id or output_dir.name)
+    logger.info("exported the model, image processor and model card to %s", output_dir)
+    if cfg.push_to_hub:
+        try:
+            url = push_to_hub(
+                output_dir, cfg.hub_model_id, cfg.hub_include_checkpoints, cfg.hub_private_repo, cfg.hub_token
+            )
+            logger.info("pushed to %s", url)
+        except HubPushError as err:
+            logger.error("%s", err)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":

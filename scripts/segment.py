@@ -28,7 +28,6 @@ The paper's numbers (ADE20K, 160k iterations, batch 16): 48.1 mIoU with ViT-B, 5
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -39,7 +38,8 @@ from pathlib import Path
 from typing import Optional
 
 from modeling_mae_cli import option, parse_config, run_main
-from modeling_mae_cli.choices import MIXED_PRECISION, MIXED_PRECISION_HELP, MODEL_PRESETS, REPORT_TO
+from modeling_mae_cli.choices import MODEL_PRESETS
+from modeling_mae_cli.run_config import RunConfig, script_defaults
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,13 @@ EVAL_MODES = ("slide", "whole")
 
 
 @dataclass(frozen=True)
-class SegmentConfig:
-    """UperNet semantic segmentation on an MAE encoder (defaults: ViT-B/16 on ADE20K, 160k iterations)."""
+@script_defaults(per_device_train_batch_size=2, output_dir="outputs/mae-upernet-ade20k", checkpointing_steps=16000)
+class SegmentConfig(RunConfig):
+    """UperNet semantic segmentation on an MAE encoder (defaults: ViT-B/16 on ADE20K, 160k iterations; 2 images
+    x 8 processes = 16 a step).
+
+    Shared with every training script (`RunConfig`): the step (batch, accumulation, clipping, precision,
+    compile, seed), checkpoints, logging and the Hub."""
 
     # ---- model -----------------------------------------------------------------------------------
     model_name_or_path: Optional[str] = option(
@@ -60,10 +65,6 @@ class SegmentConfig:
     # width is not a published one: {num_attention_heads: 2}); a setting with its own field is set there
     model_config: dict = option(
         {}, help="MAEConfig fields over the preset's / checkpoint's (not those with a field here), e.g. '{num_hidden_layers: 4}'")
-    # what the checkpoint's weights cannot say (official / timm files of other widths, a new resolution)
-    num_attention_heads: Optional[int] = option(None, help="encoder heads; official widths 768/1024/1280 need none")
-    decoder_num_attention_heads: Optional[int] = option(None, help="decoder heads (512-d decoder: 16)")
-    image_size: Optional[int] = option(None, help="train at this resolution: position tables are interpolated")
     out_indices: list[int] = option([4, 6, 8, 12], help="blocks feeding the pyramid's strides 4,8,16,32")
     add_fpn: bool = option(True, help="the simple feature pyramid (MAEConfig.add_fpn, as BEiT's); off: every block's map at stride p")
     drop_path_rate: float = option(0.1, help="stochastic depth rate of the last block (linear over depth)")
@@ -102,8 +103,6 @@ class SegmentConfig:
     hflip: float = option(0.5, help="probability of a horizontal flip")
     photometric: bool = option(True, help="photometric distortion (brightness, contrast, saturation, hue)")
     # ---- optimization ----------------------------------------------------------------------------
-    per_device_train_batch_size: int = option(2, help="images per process per micro-batch (x 8 processes = 16)")
-    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
     learning_rate: float = option(1e-4, help="peak learning rate (AdamW)")
     layer_decay: float = option(0.65, help="layer-wise lr decay in (0, 1]: block i gets lr x decay^(depth - i)")
     weight_decay: float = option(0.05, help="AdamW weight decay")
@@ -113,37 +112,16 @@ class SegmentConfig:
     num_warmup_steps: int = option(1500, help="optimizer steps of linear warm-up")
     lr_scheduler_type: str = option(
         "linear", help="transformers scheduler name; linear = mmseg's poly with power 1")
-    max_grad_norm: Optional[float] = option(None, help="clip the gradient norm to this; unset: no clipping")
-    mixed_precision: str | None = option(
-        "auto", help=MIXED_PRECISION_HELP,
-        choices=MIXED_PRECISION)
     sync_batchnorm: bool = option(True, help="SyncBatchNorm in the pyramid / heads when running on several processes")
-    seed: int = option(0, help="seed of the initialisation, the augmentation and the data order")
     # ---- evaluation ------------------------------------------------------------------------------
     eval_steps: Optional[int] = option(16000, help="evaluate every N optimizer steps (and at the end)")
     eval_mode: str = option("slide", help="sliding-window or whole-image inference", choices=EVAL_MODES)
     eval_stride: int = option(341, help="stride of the sliding window (pixels)")
     per_device_eval_batch_size: int = option(1, help="evaluation images per process per batch")
     mean_iou_path: str = option(str(REPO_ROOT / "metrics" / "mean_iou"), help="the mean_iou metric's folder")
-    # ---- checkpoints and output ------------------------------------------------------------------
-    output_dir: str = option("outputs/mae-upernet-ade20k", help="where the model, checkpoints and logs go")
-    checkpointing_steps: Optional[int] = option(16000, help="save a checkpoint every N optimizer steps")
-    checkpoints_total_limit: Optional[int] = option(2, help="keep only the last N checkpoints; none: keep all")
-    resume_from_checkpoint: Optional[str] = option(None, help="'latest' or a checkpoint directory to resume from")
-    overwrite_output_dir: bool = option(False, help="start afresh in an output_dir that holds another run's results")
-    allow_config_change_on_resume: bool = option(
-        False, help="resume even if model / data / seed / effective batch / lr differ from the checkpoint's")
-    with_tracking: bool = option(False, help="log metrics to the trackers of report_to")
-    report_to: str = option("tensorboard", help="trackers for with_tracking", choices=REPORT_TO)
-    logging_steps: int = option(50, help="log loss and lr every N optimizer steps")
-    # ---- Hub -------------------------------------------------------------------------------------
-    push_to_hub: bool = option(False, help="upload the output directory to hub_model_id at the end")
-    hub_model_id: Optional[str] = option(None, help="Hub repository to push to (user/name)")
-    hub_private_repo: Optional[bool] = option(None, help="create the Hub repository private")
-    hub_token: Optional[str] = option(None, help="Hub token; default: HF_TOKEN or the `hf auth login` one")
-
 
     def __post_init__(self):
+        super().__post_init__()
         if (self.model_name_or_path is None) == (self.model_preset is None):
             raise ValueError(
                 f"give exactly one of `model_name_or_path` / `model_preset`; got {self.model_name_or_path!r} and "
@@ -159,7 +137,7 @@ class SegmentConfig:
             raise ValueError(
                 f"`base_scale` and `scale_range` take two values each, got {self.base_scale} and {self.scale_range}"
             )
-        for name in ("max_train_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "num_labels"):
+        for name in ("max_train_steps", "num_labels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.layer_decay <= 1.0:
@@ -187,9 +165,9 @@ from modeling_mae import (  # noqa: E402
 from modeling_mae.conversion.convert import interpolate_positions  # noqa: E402
 from modeling_mae.file_modes import give_weights_usual_mode  # noqa: E402
 from modeling_mae.modeling_mae import is_transfer_only, log_new_transfer_parameters  # noqa: E402
-from modeling_mae.training.checkpoint import CheckpointManager  # noqa: E402
 from modeling_mae.training.config import to_yaml  # noqa: E402
 from modeling_mae.training.export import HubPushError, check_hub_access, push_to_hub  # noqa: E402
+from modeling_mae.training.loop import TrainingLoop, compile_model, restore, start_run, start_trackers  # noqa: E402
 from modeling_mae.training.model_loading import (  # noqa: E402
     adapt_to_pixel_path,
     checkpoint_format,
@@ -200,13 +178,7 @@ from modeling_mae.training.model_loading import (  # noqa: E402
     read_config_json,
 )
 from modeling_mae.training.optim import create_optimizer, layer_decay_param_groups  # noqa: E402
-from modeling_mae.training.runtime import (
-    GracefulStop,  # noqa: E402
-    make_accelerator,  # noqa: E402
-    quiet_library_loggers,
-    resume_command,  # noqa: E402
-    tracker_hparams,  # noqa: E402
-)
+from modeling_mae.training.runtime import GracefulStop, make_accelerator, resume_command  # noqa: E402
 from modeling_mae.training.segmentation_data import (  # noqa: E402
     IGNORE_INDEX,
     SegEvalTransform,
@@ -517,31 +489,8 @@ def revert_sync_batchnorm(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
-def main(argv=None) -> dict:
-    cfg = parse_config(SegmentConfig, argv, description=__doc__)
-    if cfg.push_to_hub:  # the login and the repository now, not after training
-        check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    quiet_library_loggers()
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.output_dir, cfg.with_tracking, cfg.report_to,
-                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    # Map-style training data: every process must take the same number of steps (DDP), so the last
-    # round is padded as accelerate does by default. Evaluation shards its images by hand (no padding).
-    accelerator.even_batches = True
-    # before anything is written: refuse another run's output directory, check a resumed config
-    checkpoints = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoints_total_limit)
-    resume = checkpoints.begin(accelerator, cfg)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        logger.info("config:\n%s", to_yaml(cfg))
-
-    # ---- model -----------------------------------------------------------------------------------
-    model = build_model(cfg)
-    patch = model.config.backbone_config.patch_size
-    if cfg.crop_size % (2 * patch):
-        raise ValueError(f"`crop_size` ({cfg.crop_size}) must be a multiple of 2 x patch_size ({2 * patch})")
-
-    # ---- data ------------------------------------------------------------------------------------
+def load_splits(cfg: SegmentConfig):
+    """(train, evaluation) map-style splits, images and label maps undecoded."""
     source = dict(dataset_name=None if cfg.data_dir else cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
                   data_dir=cfg.data_dir, token=cfg.hub_token)
     train_split = load_segmentation_split(cfg.train_split, **source)
@@ -550,6 +499,82 @@ def main(argv=None) -> dict:
         train_split = train_split.select(range(min(cfg.max_train_samples, len(train_split))))
     if cfg.max_eval_samples is not None:
         eval_split = eval_split.select(range(min(cfg.max_eval_samples, len(eval_split))))
+    return train_split, eval_split
+
+
+def load_datasets(cfg: SegmentConfig, train_split, eval_split, pixel_path) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """(train, evaluation) sets of the run's pixels (uint8, or float for other formats) and label maps, the
+    training set augmented per (seed, epoch, index)."""
+    columns = dict(
+        image_column=cfg.image_column_name, label_column=cfg.label_column_name, reduce_labels=cfg.reduce_labels,
+        num_labels=cfg.num_labels, pixel_format=pixel_path.array_format,
+    )
+    train_set = SegmentationDataset(
+        train_split,
+        SegTrainTransform(cfg.crop_size, tuple(cfg.base_scale), tuple(cfg.scale_range), cfg.cat_max_ratio, cfg.hflip,
+                          cfg.photometric),
+        train=True, seed=cfg.seed, **columns,
+    )
+    eval_set = SegmentationDataset(eval_split, SegEvalTransform(tuple(cfg.base_scale)), train=False, **columns)
+    return train_set, eval_set
+
+
+def best_model_card(results: dict, step: int, effective_batch: int, cfg: SegmentConfig) -> dict:
+    """The model card's values of an evaluation."""
+    return dict(
+        best_miou=f"{results['mean_iou']:.4f}", best_step=step, best_macc=f"{results['mean_accuracy']:.4f}",
+        best_aacc=f"{results['overall_accuracy']:.4f}", steps=step, effective_batch=effective_batch,
+        best_aacc_pct=f"{results['aAcc']:.2f}", best_miou_pct=f"{results['mIoU']:.2f}",
+        best_macc_pct=f"{results['mAcc']:.2f}",
+        per_class_rows=per_class_rows(results["per_category_iou"], label_names(cfg)),
+    )
+
+
+class TrainingWindow:
+    """What the log line reports about the steps since the last one: images / s, unreadable images."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.skipped = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # this process's, on the device
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+        self.skipped.zero_()
+
+    def add(self, batch: dict) -> None:
+        self.skipped += batch["num_skipped"]  # unreadable training images replaced by the next readable ones
+        self.images += batch["pixel_values"].shape[0] * self.accelerator.num_processes
+
+    def close(self, state: dict, step: int, effective_batch: int, max_corrupt_fraction: float) -> float:
+        """Images / s of the window; the run's unreadable reads added up (a collective) and checked."""
+        images_per_s = self.images / max(time.perf_counter() - self.start, 1e-9)
+        state["unreadable_train_reads"] = state.get("unreadable_train_reads", 0) + int(
+            self.accelerator.reduce(self.skipped, reduction="sum"))
+        read = step * effective_batch
+        if state["unreadable_train_reads"] > max_corrupt_fraction * read:
+            raise ValueError(f"{state['unreadable_train_reads']} of the {read} training images read could not "
+                             f"be decoded, more than max_corrupt_fraction={max_corrupt_fraction}")
+        self.reset()
+        return images_per_s
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(SegmentConfig, argv, description=__doc__)
+    if cfg.push_to_hub:  # the login and the repository now, not after training
+        check_hub_access(cfg.hub_model_id, token=cfg.hub_token, private=cfg.hub_private_repo)
+    accelerator, checkpoints, resume = start_run(cfg, make_accelerator)
+    # Map-style training data: every process must take the same number of steps (DDP), so the last
+    # round is padded as accelerate does by default. Evaluation shards its images by hand (no padding).
+    accelerator.even_batches = True
+    set_seed(cfg.seed)
+
+    # ---- model and data --------------------------------------------------------------------------
+    model = build_model(cfg)
+    patch = model.config.backbone_config.patch_size
+    if cfg.crop_size % (2 * patch):
+        raise ValueError(f"`crop_size` ({cfg.crop_size}) must be a multiple of 2 x patch_size ({2 * patch})")
+    train_split, eval_split = load_splits(cfg)
     # the checkpoint's pixels (channels, bit depth, statistics), checked against the data's
     pixel_path = segmentation_pixel_path(cfg.model_name_or_path, model.config.backbone_config.num_channels,
                                          train_split, cfg.image_column_name, cfg.hub_token,
@@ -563,33 +588,23 @@ def main(argv=None) -> dict:
                     "(saturation and hue need colour)", pixel_path.format.num_channels, pixel_path.format.dtype)
     normalize_on_device = pixel_path.normalize  # uint8 or float batch -> normalised with the run's mean / std
     processor = image_processor(cfg, pixel_path)  # the evaluation's pre- and post-processing, exported
-    columns = dict(
-        image_column=cfg.image_column_name, label_column=cfg.label_column_name, reduce_labels=cfg.reduce_labels,
-        num_labels=cfg.num_labels, pixel_format=pixel_path.array_format,
-    )
-    train_set = SegmentationDataset(
-        train_split,
-        SegTrainTransform(cfg.crop_size, tuple(cfg.base_scale), tuple(cfg.scale_range), cfg.cat_max_ratio, cfg.hflip,
-                          cfg.photometric),
-        train=True, seed=cfg.seed, **columns,
-    )
-    eval_set = SegmentationDataset(eval_split, SegEvalTransform(tuple(cfg.base_scale)), train=False, **columns)
+    train_set, eval_set = load_datasets(cfg, train_split, eval_split, pixel_path)
     sampler_generator = torch.Generator()
     train_loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=cfg.per_device_train_batch_size,
+        train_set, batch_size=cfg.per_device_train_batch_size, drop_last=True,
         sampler=torch.utils.data.RandomSampler(train_set, generator=sampler_generator),
-        collate_fn=collate_train,
-        drop_last=True,
-        num_workers=cfg.preprocessing_num_workers,
+        collate_fn=collate_train, num_workers=cfg.preprocessing_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
     )
 
-    # ---- optimizer and schedule ------------------------------------------------------------------
+    # ---- AdamW over layer-wise lr-decayed groups (fused on GPUs: built on the device), schedule ------
     from transformers import get_scheduler
 
+    model.to(accelerator.device)
     groups = layer_decay_param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.layer_decay)
     optimizer = create_optimizer(groups, cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.num_warmup_steps, cfg.max_train_steps)
+    compile_model(model, cfg.torch_compile)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     accelerator.register_for_checkpointing(scheduler)
     steps_per_epoch = len(train_loader) // cfg.gradient_accumulation_steps
@@ -599,26 +614,36 @@ def main(argv=None) -> dict:
             f"({cfg.per_device_train_batch_size} x {accelerator.num_processes} x {cfg.gradient_accumulation_steps})"
         )
     mean_iou = load_mean_iou(cfg.mean_iou_path)
-
-    # ---- resume ----------------------------------------------------------------------------------
     state = {"step": 0, "best_miou": None, "best_step": None, "best": {}, "history": []}
-    if resume is not None:
-        trainer_state, _ = checkpoints.load(accelerator, resume)
-        accelerator.step = 0  # checkpoints end an optimizer step: count micro-batches afresh (the accumulation may differ)
-        state.update(trainer_state)
-        logger.info("resumed from %s at step %d", resume, state["step"])
-    if cfg.with_tracking:
-        accelerator.init_trackers("segment", config=tracker_hparams(cfg))
-
+    restore(accelerator, checkpoints, resume, state)
+    start_trackers(accelerator, cfg, "segment")
     effective_batch = cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     logger.info(
         "%d training images, %d evaluation images; %d steps of batch %d (%d steps per epoch)",
         len(train_set), len(eval_set), cfg.max_train_steps, effective_batch, steps_per_epoch,
     )
 
-    def run_evaluation() -> None:
+    # ---- train: the loop calls these ------------------------------------------------------------
+    window = TrainingWindow(accelerator)
+
+    def micro_batches(epoch: int, skip: int):
+        model.train()
+        sampler_generator.manual_seed(cfg.seed * 100_003 + epoch)  # the same permutation on every process, every run
+        train_set.set_epoch(epoch)  # augmentation seeded from (seed, epoch, index)
+        return accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+
+    def loss_of(batch: dict):
+        window.add(batch)
+        return model(pixel_values=normalize_on_device(batch["pixel_values"]), labels=batch["labels"]).loss
+
+    def on_log(step: int, logs: dict):
+        logs["train/images_per_s"] = window.close(state, step, effective_batch, cfg.max_corrupt_fraction)
+        logger.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s", step, cfg.max_train_steps, logs["train/loss"],
+                    logs["train/lr"], logs["train/images_per_s"])
+        state.setdefault("train_loss", []).append([step, logs["train/loss"]])
+
+    def evaluate_and_keep_best(step: int):
         results = evaluate(model, eval_set, accelerator, cfg, mean_iou, processor)
-        step = state["step"]
         state["history"].append({"step": step, **results})
         logger.info("step %d: mIoU %.4f  mAcc %.4f  aAcc %.4f%s", step, results["mean_iou"],
                     results["mean_accuracy"], results["overall_accuracy"],
@@ -626,77 +651,22 @@ def main(argv=None) -> dict:
         accelerator.log({f"eval/{k}": v for k, v in results.items() if not isinstance(v, list)}, step=step)
         if state["best_miou"] is None or results["mean_iou"] > state["best_miou"]:
             state.update(best_miou=results["mean_iou"], best_step=step, best=results)
-            export(model, accelerator, cfg, card_values=dict(
-                best_miou=f"{results['mean_iou']:.4f}", best_step=step, best_macc=f"{results['mean_accuracy']:.4f}",
-                best_aacc=f"{results['overall_accuracy']:.4f}", steps=step, effective_batch=effective_batch,
-                best_aacc_pct=f"{results['aAcc']:.2f}", best_miou_pct=f"{results['mIoU']:.2f}",
-                best_macc_pct=f"{results['mAcc']:.2f}",
-                per_class_rows=per_class_rows(results["per_category_iou"], label_names(cfg)),
-            ), processor=processor)
+            export(model, accelerator, cfg, card_values=best_model_card(results, step, effective_batch, cfg),
+                   processor=processor)
 
-    # ---- loop ------------------------------------------------------------------------------------
-    model.train()
-    running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
-    skipped_local = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # since the last log line
-    stop = GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes))
-    scope = contextlib.ExitStack()
-    scope.enter_context(stop)  # SIGTERM / Ctrl-C: finish the step, checkpoint, exit (see `stop.requested()`)
-    while state["step"] < cfg.max_train_steps:
-        epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
-        sampler_generator.manual_seed(cfg.seed * 100_003 + epoch)  # the same permutation on every process, every run
-        train_set.set_epoch(epoch)  # augmentation seeded from (seed, epoch, index)
-        skip = done_in_epoch * cfg.gradient_accumulation_steps
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for batch in loader:
-            skipped_local += batch["num_skipped"]  # unreadable training images replaced by the next readable ones
-            with accelerator.accumulate(model):
-                pixel_values = normalize_on_device(batch["pixel_values"])
-                loss = model(pixel_values=pixel_values, labels=batch["labels"]).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            # `loss` is the micro-batch's own (backward divided only its gradient): the step's loss is their mean
-            running_loss += loss.detach().float().item() / cfg.gradient_accumulation_steps
-            window_images += batch["pixel_values"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state["step"] += 1
-            step = state["step"]
-            if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
-                elapsed = time.perf_counter() - window_start
-                steps_in_window = cfg.logging_steps if step % cfg.logging_steps == 0 else step % cfg.logging_steps
-                logs = {"train/loss": running_loss / steps_in_window, "train/lr": scheduler.get_last_lr()[-1],
-                        "train/images_per_s": window_images / max(elapsed, 1e-9)}
-                logger.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s", step, cfg.max_train_steps,
-                            logs["train/loss"], logs["train/lr"], logs["train/images_per_s"])
-                accelerator.log(logs, step=step)
-                state.setdefault("train_loss", []).append([step, logs["train/loss"]])
-                state["unreadable_train_reads"] = state.get("unreadable_train_reads", 0) + int(
-                    accelerator.reduce(skipped_local, reduction="sum"))
-                skipped_local.zero_()
-                read = step * effective_batch
-                if state["unreadable_train_reads"] > cfg.max_corrupt_fraction * read:
-                    raise ValueError(f"{state['unreadable_train_reads']} of the {read} training images read could not "
-                                     f"be decoded, more than max_corrupt_fraction={cfg.max_corrupt_fraction}")
-                running_loss, window_start, window_images = 0.0, time.perf_counter(), 0
-            if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_train_steps:
-                run_evaluation()
-            saved = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
-            if saved:
-                checkpoints.save(accelerator, step, trainer_state=dict(state), config_yaml=to_yaml(cfg))
-            if stop.requested():  # SIGTERM / Ctrl-C (on any process): checkpoint this step, then exit
-                path = checkpoints.latest() if saved else checkpoints.save(
-                    accelerator, step, trainer_state=dict(state), config_yaml=to_yaml(cfg))
-                stop.exit(step, path)
-            if step >= cfg.max_train_steps or state["step"] % steps_per_epoch == 0:
-                break  # the epoch ends after steps_per_epoch optimizer steps (a partial accumulation is dropped)
+    TrainingLoop(
+        accelerator, model, optimizer, scheduler, cfg, state=state, steps_per_epoch=steps_per_epoch,
+        max_steps=cfg.max_train_steps, micro_batches=micro_batches, loss_of=loss_of, on_log=on_log,
+        eval_steps=cfg.eval_steps, evaluate=evaluate_and_keep_best, checkpoints=checkpoints,
+        save=lambda: checkpoints.save(accelerator, state["step"], trainer_state=dict(state), config_yaml=to_yaml(cfg)),
+        stop=GracefulStop(accelerator, resume_command(__file__, argv, accelerator.num_processes)),
+    ).run(start_epoch=state["step"] // steps_per_epoch)
+    return finish(accelerator, cfg, state)
 
-    scope.close()
 
-    # ---- results ---------------------------------------------------------------------------------
+def finish(accelerator, cfg: SegmentConfig, state: dict) -> dict:
+    """eval_results.json (the best step's and every evaluation's results, the logged losses) and the Hub push;
+    the best model is already exported."""
     summary = {"step": state["step"], "best_step": state["best_step"], "best": state["best"],
                "history": state["history"], "train_loss": state.get("train_loss", []),
                "unreadable_train_reads": state.get("unreadable_train_reads", 0)}
@@ -707,8 +677,8 @@ def main(argv=None) -> dict:
     accelerator.wait_for_everyone()
     if cfg.push_to_hub and accelerator.is_main_process:
         try:
-            url = push_to_hub(cfg.output_dir, cfg.hub_model_id, private=cfg.hub_private_repo, token=cfg.hub_token,
-                              commit_message="Upload MAE + UperNet semantic segmentation (modeling_mae)")
+            url = push_to_hub(cfg.output_dir, cfg.hub_model_id, cfg.hub_include_checkpoints, cfg.hub_private_repo,
+                              cfg.hub_token, commit_message="Upload MAE + UperNet semantic segmentation (modeling_mae)")
             logger.info("pushed to %s", url)
         except HubPushError as err:
             logger.error("%s", err)

@@ -8,7 +8,8 @@
 - `make_accelerator(...)`: mixed precision (resolved as above, logged), trackers, gradient accumulation
   (accelerate's, `accumulation_plugin`; `optimizer_steps_per_epoch`: full groups only), and an explicit
   `DataLoaderConfiguration(dispatch_batches=False, split_batches=False)`: every process reads its own
-  part of the stream (`split_dataset_by_node`), nothing is re-dispatched from rank 0.
+  part of the stream (`split_dataset_by_node`), nothing is re-dispatched from rank 0; prepared loaders
+  copy batches with `non_blocking`.
 - `resolve_trackers(report_to)`: "all" / "tensorboard" / "wandb" / "none", dropping (with a warning)
   trackers whose package is not installed.
 - `SpeedMeter`: images / s, fraction of time waiting for data, and MFU from `flops_per_image`.
@@ -18,7 +19,8 @@
 - `NonFiniteGuard`: counts skipped NaN/inf steps and stops the run after N in a row.
 - `GracefulStop`: SIGTERM (preemption) / SIGINT (Ctrl-C) -> the loop finishes its optimizer step, every
   process writes the checkpoint, one line gives the resume command, exit code 128 + signal; a second
-  Ctrl-C exits at once. `worker_ignores_interrupts` keeps DataLoader workers out of it.
+  Ctrl-C exits at once. `poll()`: the same answer without a wait on the hot path (one step late on
+  several processes). `worker_ignores_interrupts` keeps DataLoader workers out of it.
 - `tracker_hparams(cfg)`: the config for trackers, secrets masked.
 """
 
@@ -275,7 +277,9 @@ def make_accelerator(mixed_precision: str | None, output_dir: str, with_tracking
         cpu=cpu,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/runs"),
-        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False, even_batches=False),
+        # prepared loaders copy their (pinned, on GPUs) batches to the device without waiting for the copy
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False, even_batches=False,
+                                                  non_blocking=True),
         gradient_accumulation_plugin=accumulation,
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step itself
     )
@@ -538,6 +542,29 @@ class GracefulStop:
             return self.signum is not None
         flag = torch.tensor([0 if self.signum is None else self.signum], device=self.accelerator.device)
         received = int(self.accelerator.gather(flag).max().item())
+        if received and self.signum is None:
+            self.signum = received
+        return received != 0
+
+    def poll(self) -> bool:
+        """`requested()` without a wait on the hot path: on several processes the flags are combined by
+        an all-reduce over a CPU (gloo) group started at this call and read at the next one, so the
+        answer comes one step late, the same on every process, and never waits on the device. The first
+        call starts the group (a collective). One process: the flag itself."""
+        if self.accelerator.num_processes == 1:
+            return self.signum is not None
+        import torch
+        import torch.distributed as dist
+
+        if getattr(self, "_group", None) is None:
+            self._group, self._pending = dist.new_group(backend="gloo"), None
+        received = 0
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            received = int(flag[0])
+        flag = torch.tensor([0 if self.signum is None else self.signum], dtype=torch.int64)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         if received and self.signum is None:
             self.signum = received
         return received != 0
