@@ -28,7 +28,9 @@ def trivial_predictor_loss(model, pixel_values: torch.Tensor, mask: torch.Tensor
         pred = torch.zeros_like(model.patchify(pixel_values))
     else:
         pred = model.patchify(pixel_values.mean(dim=(2, 3), keepdim=True).expand_as(pixel_values))
-    return model.forward_loss(pixel_values, pred, mask)
+    per_patch = model.patch_loss(pixel_values, pred)  # the loss's own target (and norm_pix), (N, L)
+    mask = mask.float()
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)  # as forward_loss averages it
 
 
 @torch.no_grad()
