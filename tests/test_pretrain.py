@@ -270,10 +270,15 @@ def test_two_processes_see_disjoint_samples_and_hold_identical_parameters(tmp_pa
                      gradient_accumulation_steps=2)
     result = run_pretrain(argv, launcher=launcher, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    ids0 = [line.split("\t")[1] for line in read_sample_ids(out, 0)]
-    ids1 = [line.split("\t")[1] for line in read_sample_ids(out, 1)]
+    ids0 = [line.split("\t") for line in read_sample_ids(out, 0)]
+    ids1 = [line.split("\t") for line in read_sample_ids(out, 1)]
     assert len(ids0) == len(ids1) == 5 * 2 * 4
-    assert not set(ids0) & set(ids1)  # each process reads its own shards
+    # each process reads its own shards, in every epoch (32 samples a process: steps 1-4 are epoch 0, step 5
+    # epoch 1, whose file order, and so each process's shards, is drawn anew)
+    for epoch_steps in ({"1", "2", "3", "4"}, {"5"}):
+        mine = [{i for step, i in ids if step in epoch_steps} for ids in (ids0, ids1)]
+        assert not mine[0] & mine[1]
+    assert len({i for _, i in ids0[:32]}) == 32  # an epoch: every sample of the process's shards once
     assert "effective batch 16 = 4 per device x 2 processes x 2 accumulation" in result.stderr
     # every process wrote the fingerprint of the parameters it held at the final checkpoint
     checkpoint = out / "checkpoints" / "step_5"
