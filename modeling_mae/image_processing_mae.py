@@ -280,6 +280,19 @@ PREPROCESS_OPTIONS = ("size", "crop_pct", "do_resize", "do_center_crop", "do_res
                       "do_normalize", "image_mean", "image_std", "input_data_format", "data_format")
 
 
+def pixel_normalisation(num_channels: int, pixel_dtype, pixel_range, image_mean, image_std) -> tuple:
+    """(dtype, [low, high], mean, std) of a processor's pixels: the bit depth's range unless given, ImageNet's
+    statistics for 3 channels unless given (required otherwise), one value per channel."""
+    dtype, (low, high) = _pixel_format(num_channels, pixel_dtype, pixel_range)
+    if image_mean is None and image_std is None and num_channels == 3:
+        image_mean, image_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if image_mean is None or image_std is None:
+        raise ValueError(f"`image_mean` and `image_std` are required for num_channels={num_channels} "
+                         f"(ImageNet's have 3 values)")
+    return (dtype, [low, high], _per_channel(image_mean, "image_mean", num_channels),
+            _per_channel(image_std, "image_std", num_channels))
+
+
 class MAEImageProcessor(BaseImageProcessor):
     """Resize the shorter side to size / crop_pct (bicubic), centre-crop `size`, rescale to [0, 1],
     normalise: the evaluation transform of the training scripts, as an image processor.
@@ -312,16 +325,9 @@ class MAEImageProcessor(BaseImageProcessor):
         self.crop_pct = float(crop_pct)
         eval_resize_size((self.size["height"], self.size["width"]), self.crop_pct)  # validates crop_pct
         self.num_channels = num_channels
-        self.pixel_dtype, (low, high) = _pixel_format(num_channels, pixel_dtype, pixel_range)
-        self.pixel_range = [low, high]
+        self.pixel_dtype, self.pixel_range, self.image_mean, self.image_std = pixel_normalisation(
+            num_channels, pixel_dtype, pixel_range, image_mean, image_std)
         self.rescale_factor = self._rescale_factor(rescale_factor)
-        if image_mean is None and image_std is None and num_channels == 3:
-            image_mean, image_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        if image_mean is None or image_std is None:
-            raise ValueError(f"`image_mean` and `image_std` are required for num_channels={num_channels} "
-                             f"(ImageNet's have 3 values)")
-        self.image_mean = _per_channel(image_mean, "image_mean", num_channels)
-        self.image_std = _per_channel(image_std, "image_std", num_channels)
         self.do_resize, self.do_center_crop = bool(do_resize), bool(do_center_crop)
         self.do_rescale, self.do_normalize = bool(do_rescale), bool(do_normalize)
 

@@ -35,13 +35,10 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from .image_processing_mae import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    _per_channel,
-    _pixel_format,
     _to_array,
     _to_pil,
     apply_exif_orientation,
+    pixel_normalisation,
     scale_by_range,
     to_rgb_image,
 )
@@ -129,15 +126,8 @@ class MAESegmentationImageProcessor(BaseImageProcessor):
             raise ValueError(f"`scale` must be two positive ints (long, short side), got {scale!r}")
         self.scale = [int(s) for s in scale]
         self.num_channels = num_channels
-        self.pixel_dtype, (low, high) = _pixel_format(num_channels, pixel_dtype, pixel_range)
-        self.pixel_range = [low, high]
-        if image_mean is None and image_std is None and num_channels == 3:
-            image_mean, image_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        if image_mean is None or image_std is None:
-            raise ValueError(f"`image_mean` and `image_std` are required for num_channels={num_channels} "
-                             f"(ImageNet's have 3 values)")
-        self.image_mean = _per_channel(image_mean, "image_mean", num_channels)
-        self.image_std = _per_channel(image_std, "image_std", num_channels)
+        self.pixel_dtype, self.pixel_range, self.image_mean, self.image_std = pixel_normalisation(
+            num_channels, pixel_dtype, pixel_range, image_mean, image_std)
         self.do_reduce_labels = bool(do_reduce_labels)
         self.ignore_index = int(ignore_index)
 
