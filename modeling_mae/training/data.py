@@ -125,8 +125,9 @@ def split_data_files(root: Path, split: str, field: str = "train_dir") -> list[P
     except Exception:  # datasets' EmptyDatasetError: no file it would read
         patterns = {}
     splits = [str(name) for name in patterns]
+    visible = _visible_files(root)  # listed once: folders of millions of images
     if not patterns or (splits == ["train"] and list(patterns.values())[0] == ["**"]):  # no split structure
-        files = _visible_files(root)
+        files = visible
     elif split not in splits:
         raise ValueError(
             f"`{field}` {str(root)!r} holds the splits {splits} (named as `datasets` names them), not {split!r}: "
@@ -135,7 +136,7 @@ def split_data_files(root: Path, split: str, field: str = "train_dir") -> list[P
     else:
         resolved = DataFilesDict.from_patterns(patterns, base_path=str(root))
         assigned = {Path(str(f).removeprefix("file://")) for name in resolved for f in resolved[name]}
-        data = {p for p in _visible_files(root) if p.suffix.lower() in DATA_EXTENSIONS}
+        data = {p for p in visible if p.suffix.lower() in DATA_EXTENSIONS}
         if data - assigned:
             # `datasets` names splits by words in paths: a class folder "train" (CIFAR-100) or "train_station"
             # (Places365) makes a split of its own, and the other classes belong to none
@@ -146,7 +147,7 @@ def split_data_files(root: Path, split: str, field: str = "train_dir") -> list[P
                 f"a class folder named like a split? Point `{field}` at the split's own folder, or rename it"
             )
         files = [Path(str(f).removeprefix("file://")) for f in resolved[split]]
-    visible = set(_visible_files(root))
+    visible = set(visible)
     return sorted(p for p in files if p in visible)
 
 
